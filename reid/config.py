@@ -1,0 +1,262 @@
+"""Typed configuration: dataclass defaults, YAML files that override them, `key=value` overrides.
+
+Every error names the key, what was given and what is allowed, on one line (STYLE.md "Typed config").
+The keys `data.format`, `data.root`, `data.protocol`, `output_dir`, `seed`, `train.epochs`,
+`train.batch_size` and `model.arch` are a public contract.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from reid.data.synthetic import SynthConfig
+from reid.errors import ReidError
+
+DATA_FORMATS = ("synthetic", "veri776", "veriwild", "vveri901", "csv")
+PROTOCOLS = ("small", "medium", "large")
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+@dataclass
+class DataConfig:
+    format: str = "synthetic"      # synthetic = generate a VeRi-776-layout folder at `root` if missing, then read it
+    root: str = "data/synthetic"   # dataset folder (for csv: the manifest file)
+    protocol: str = "small"        # VeRi-Wild test protocol: small / medium / large
+    height: int = 256
+    width: int = 128
+    workers: int = 4               # DataLoader workers per rank
+    check_images: bool = False     # open every image header when reading the dataset
+    skip_corrupt: bool = False     # corrupt images: False = stop with an error naming the file, True = blank + count
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"
+    pretrained: str = ""           # path to a torchvision ResNet state dict; "" = random init
+    last_stride: int = 1
+    sync_bn: bool = False          # convert BatchNorm to SyncBatchNorm under DDP (README: "Which BatchNorm")
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.07
+    topk: int = 5
+    grey_zone: float = 0.01
+    cam_weight: float = 0.2
+    hard_positives: bool = True    # ablation switches: mined cross-camera positives of each kind
+    easy_positives: bool = True
+    exact: bool = True             # exact distributed grey-zone cut (DESIGN §4)
+
+
+@dataclass
+class MemoryConfig:
+    refresh_every: int = 5         # epochs between full feature passes that rebuild the memory
+    dtype: str = "float32"         # float32 or bfloat16 rows
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    warmup_epochs: int = 6         # epochs 0..warmup_epochs-1 use the intra-camera loss only
+    batch_size: int = 128          # per rank
+    steps_per_epoch: int = 0       # 0 = one pass over the largest shard
+    lr: float = 0.1                # new layers (BN neck)
+    backbone_lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_step: int = 10              # ×lr_gamma every lr_step epochs
+    lr_gamma: float = 0.1
+    amp: bool = False              # bf16 autocast on CUDA
+    resume: bool = True            # resume from output_dir's checkpoint when one exists
+    log_every: int = 20
+
+
+@dataclass
+class EvalConfig:
+    flip: bool = True              # average the embeddings of an image and its mirror
+    batch_size: int = 256
+    every: int = 0                 # also evaluate every N epochs (0 = only untrained, end of warm-up, final)
+    diagnostics: bool = True       # identity-based diagnostics (labelled sets only; never fed to the loss)
+    picture_queries: int = 6
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    output_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"           # auto / cpu / cuda
+
+
+_CHOICES = {
+    "data.format": DATA_FORMATS,
+    "data.protocol": PROTOCOLS,
+    "model.arch": ARCHS,
+    "memory.dtype": ("float32", "bfloat16"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+def _convert(key: str, value, typ):
+    """Coerce a YAML value or a command-line string to the field's type, or explain why not."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ReidError(f"config key '{key}': got {value!r}, expected true or false")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ReidError(f"config key '{key}': got {value!r}, expected an integer")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ReidError(f"config key '{key}': got {value!r}, expected an integer") from None
+    if typ is float:
+        if isinstance(value, bool):
+            raise ReidError(f"config key '{key}': got {value!r}, expected a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ReidError(f"config key '{key}': got {value!r}, expected a number") from None
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ReidError(f"config key '{key}': got {value!r}, expected a string")
+        return "" if value is None else str(value)
+    raise ReidError(f"config key '{key}': unsupported type {typ}")
+
+
+def _set(cfg, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node, path = cfg, []
+    for name in parts[:-1]:
+        path.append(name)
+        child = getattr(node, name, None) if name in _field_types(node) else None
+        if not dataclasses.is_dataclass(child):
+            known = ", ".join(sorted(_field_types(node)))
+            raise ReidError(f"unknown config section '{'.'.join(path)}' (known: {known})")
+        node = child
+    name = parts[-1]
+    types = _field_types(node)
+    if name not in types:
+        prefix = ".".join(parts[:-1])
+        known = ", ".join(f"{prefix}.{k}" if prefix else k for k in sorted(types))
+        raise ReidError(f"unknown config key '{dotted}' (known: {known})")
+    if dataclasses.is_dataclass(getattr(node, name)):
+        if not isinstance(value, dict):
+            raise ReidError(f"config key '{dotted}' is a section: give '{dotted}.<key>=value'")
+        for k, v in value.items():
+            _set(cfg, f"{dotted}.{k}", v)
+        return
+    setattr(node, name, _convert(dotted, value, types[name]))
+
+
+def _field_types(node) -> dict:
+    hints = typing.get_type_hints(type(node))
+    return {f.name: hints[f.name] for f in dataclasses.fields(node)}
+
+
+def validate(cfg: Config) -> Config:
+    """Check values that a type alone does not pin down."""
+    for key, allowed in _CHOICES.items():
+        value = get(cfg, key)
+        if value not in allowed:
+            raise ReidError(f"config key '{key}': got {value!r}, expected one of {', '.join(allowed)}")
+    positive = ["train.epochs", "train.batch_size", "data.height", "data.width", "memory.refresh_every",
+                "eval.batch_size", "loss.temperature"]
+    for key in positive:
+        if get(cfg, key) <= 0:
+            raise ReidError(f"config key '{key}': got {get(cfg, key)!r}, expected a positive value")
+    non_negative = ["train.warmup_epochs", "train.steps_per_epoch", "data.workers", "loss.topk", "loss.cam_weight",
+                    "train.lr", "train.backbone_lr", "eval.every"]
+    for key in non_negative:
+        if get(cfg, key) < 0:
+            raise ReidError(f"config key '{key}': got {get(cfg, key)!r}, expected a value >= 0")
+    if not 0.0 <= cfg.loss.grey_zone < 1.0:
+        raise ReidError(f"config key 'loss.grey_zone': got {cfg.loss.grey_zone!r}, expected 0 <= value < 1")
+    if cfg.model.last_stride not in (1, 2):
+        raise ReidError(f"config key 'model.last_stride': got {cfg.model.last_stride!r}, expected 1 or 2")
+    return cfg
+
+
+def get(cfg, dotted: str):
+    node = cfg
+    for name in dotted.split("."):
+        node = getattr(node, name)
+    return node
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise ReidError(f"override '{text}': expected key=value, e.g. train.epochs=5")
+    key, value = text.split("=", 1)
+    # YAML parsing gives numbers and booleans their types; strings stay strings.
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    if isinstance(parsed, (dict, list)):
+        parsed = value
+    return key.strip(), parsed
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults ← YAML file at `path` ← `key=value` overrides; validated."""
+    cfg = Config()
+    if path:
+        if not os.path.isfile(path):
+            raise ReidError(f"config file '{path}' not found")
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0]
+            raise ReidError(f"config file '{path}': not valid YAML ({first})") from None
+        if not isinstance(data, dict):
+            raise ReidError(f"config file '{path}': expected a mapping of keys at the top level")
+        for key, value in _flatten(data):
+            _set(cfg, key, value)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set(cfg, key, value)
+    return validate(cfg)
+
+
+def _flatten(data: dict, prefix: str = ""):
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _flatten(value, dotted + ".")
+        else:
+            yield dotted, value
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
+    """A saved config (e.g. from a checkpoint) ← `key=value` overrides; validated."""
+    cfg = Config()
+    for key, value in _flatten(data):
+        _set(cfg, key, value)
+    for text in overrides or []:
+        _set(cfg, *parse_override(text))
+    return validate(cfg)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)

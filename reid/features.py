@@ -1,0 +1,46 @@
+"""Embedding passes: a model and a list of images → (n, D) L2-normalised features, no grad, eval transforms."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from reid.data.images import EvalImages
+
+
+def _worker_init(_):
+    # A forked worker that inherits a parallel OpenMP pool (torch or faiss) can hang: keep workers single-threaded.
+    torch.set_num_threads(1)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+    except ImportError:
+        pass
+
+
+def make_loader(dataset, batch_size: int, workers: int, **kwargs) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, worker_init_fn=_worker_init,
+                      persistent_workers=False, **kwargs)
+
+
+@torch.no_grad()
+def extract_features(model: torch.nn.Module, paths: list[str], transform, *, batch_size: int = 256,
+                     device: torch.device | str = "cpu", workers: int = 0, flip: bool = False,
+                     skip_corrupt: bool = False, progress: str | None = None) -> torch.Tensor:
+    """Embed `paths` → (n, D) float32 on `device`, L2-normalised; `flip` averages each image with its mirror."""
+    was_training = model.training
+    model.eval()
+    loader = make_loader(EvalImages(paths, transform, skip_corrupt=skip_corrupt), batch_size, workers)
+    chunks = []
+    for images, _ in tqdm(loader, desc=progress, disable=progress is None, leave=False):
+        images = images.to(device, non_blocking=True)
+        feats = model(images).float()
+        if flip:
+            feats = feats + model(torch.flip(images, dims=[3])).float()
+        chunks.append(F.normalize(feats, dim=1))
+    model.train(was_training)
+    if not chunks:
+        return torch.empty(0, 0, device=device)
+    return torch.cat(chunks)
