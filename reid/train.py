@@ -210,6 +210,7 @@ def _run(cfg: Config, env) -> dict:
         warmup = epoch < cfg.train.warmup_epochs
         stats = train_one_epoch(model, loader, bank, optimizer, cfg, env, epoch, warmup, writer, epoch * steps,
                                 train.pids if labelled else None)
+        metrics.setdefault("epochs", []).append({"epoch": epoch, "warmup": warmup, **stats})
         if dist.is_main():
             for key, value in stats.items():
                 writer.add_scalar(f"epoch/{key}", value, epoch)
