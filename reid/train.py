@@ -179,9 +179,10 @@ def _run(cfg: Config, env) -> dict:
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     writer = SummaryWriter(os.path.join(cfg.output_dir, "tb")) if dist.is_main() else None
 
-    dataset_images = TrainImages(train.paths, train.cams, train.tracklets,
+    records = train.training_view()  # no identities on the training side
+    dataset_images = TrainImages(records.paths, records.cams, records.tracklets,
                                  train_transform(cfg.data.height, cfg.data.width), skip_corrupt=cfg.data.skip_corrupt)
-    sampler = CameraShardSampler(train.cams, shards[env.rank], cfg.train.batch_size, steps, cfg.seed)
+    sampler = CameraShardSampler(records.cams, shards[env.rank], cfg.train.batch_size, steps, cfg.seed)
     loader = make_loader(dataset_images, cfg.train.batch_size, cfg.data.workers, sampler=sampler, drop_last=True,
                          generator=torch.Generator(), pin_memory=env.device.type == "cuda")
     labelled = cfg.eval.diagnostics and (train.pids >= 0).all()
