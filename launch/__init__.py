@@ -1,0 +1,1 @@
+"""Launchers around the one `reid.train.main(cfg)`: SLURM through submitit (`launch.submit`)."""
