@@ -73,7 +73,7 @@ def _read_lines(path: str, expected: str) -> list:
     """(line number, stripped text) of the non-blank lines of a text file."""
     if not os.path.isfile(path):
         raise ReidError(f"{path}: file not found, expected {expected}")
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: tolerate a BOM
         return [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
 
 
@@ -158,10 +158,11 @@ def _read_veriwild_list(path, images_dir, cameras, info_path, listing, layout) -
         else:
             raise ReidError(f"{path}:{n}: no camera for {key}: expected vehicle_info.txt in "
                             f"{' or '.join(layout.veriwild_info)} or 'vid/img vid camera' lines")
-        names = listing.names(os.path.join(images_dir, vid))
+        folder = f"{images_dir}{os.sep}{vid}"
+        names = listing.names(folder)
         if names is None or image not in names:
-            raise ReidError(f"{path}:{n}: listed image {os.path.join(images_dir, vid, image)} not found")
-        paths.append(os.path.join(images_dir, vid, image))
+            raise ReidError(f"{path}:{n}: listed image {folder}{os.sep}{image} not found")
+        paths.append(f"{folder}{os.sep}{image}")
         cams.append(camera)
         tracklets.append(vid)
         pids.append(vid)
@@ -267,7 +268,7 @@ def read_csv(path: str, layout: Layout) -> ReidDataset:
     if not os.path.isfile(path):
         raise ReidError(f"{path}: manifest not found, expected a CSV file with header {columns}")
     base = os.path.dirname(path)
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
     if not rows:
         raise ReidError(f"{path}: empty manifest, expected a header {columns}")
