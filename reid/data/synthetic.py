@@ -73,7 +73,8 @@ def validate_synth(cfg: SynthConfig) -> None:
     need(2 <= cfg.cameras <= 999, "cameras", "2..999 (3-digit camera ids)")
     need(cfg.min_cameras >= 2, "min_cameras", "an integer >= 2 (CTACL needs cross-camera passages)")
     need(cfg.max_cameras >= cfg.min_cameras, "max_cameras", f">= min_cameras ({cfg.min_cameras})")
-    need(cfg.max_cameras <= cfg.cameras, "max_cameras", f"<= cameras ({cfg.cameras})")
+    need(cfg.max_cameras <= cfg.cameras, "max_cameras",
+         f"<= cameras ({cfg.cameras}): lower synth.max_cameras or raise synth.cameras")
     need(cfg.min_frames >= 1, "min_frames", "an integer >= 1")
     need(cfg.max_frames >= cfg.min_frames, "max_frames", f">= min_frames ({cfg.min_frames})")
     need(cfg.max_frames <= 1000, "max_frames", "<= 1000")
