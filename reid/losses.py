@@ -1,0 +1,351 @@
+"""The CTACL loss on one process, exactly as DESIGN.md §3, vectorised over anchors.
+
+Notation (DESIGN §3): anchors ``f_i`` (B, D), memory rows ``m_j`` (N, D), logits ``s_ij = f_i·m_j/τ``;
+``A_i`` same-camera rows, ``P_i`` same camera and tracklet, hard positive ``h_i`` = row of ``P_i`` with the
+lowest ``s``, ``O_i`` other-camera rows ranked by ``r_ij = h_i·m_j``, ``H_i``/``E_i`` top-K of ``O_i`` by
+``r``/``s``, grey zone = top-⌊ρ|O_i|⌋ of ``O_i`` by ``r``, ``N_i`` = the rest of ``O_i``.
+
+How it is computed: one no-grad pass over the (B, N) logits yields the loss value *and* ``dL/ds``
+(B, N); a small autograd Function hands ``dL/ds · M / τ`` to ``features`` in backward. Autograd thus never
+stores (B, N) intermediates, and the cost is the two forward products (``s = f·Mᵀ``, ``r = h·Mᵀ``), the
+backward product (``dL/ds · M``), one top-k over ``r`` (hard positives and grey-zone cut together), one
+small top-k over ``s`` and a few elementwise passes. Extra memory: a handful of (B, N) buffers, never
+O(N²). The multisets of §3 become integer weights per (anchor, row): a row picked as both hard and easy
+positive weighs 2 in the numerator and, as it is also in ``N_i`` unless in the grey zone, up to 3 in the
+denominator ("an entry chosen twice counts twice").
+
+Camera term: ``L_cam(i) = KL(uniform ‖ softmax(f_i·Cᵀ))`` with **no temperature**, literally as DESIGN §3
+writes it (the original code is not available to check). With unit vectors the logits lie in [-1, 1], so
+this term is small and gentle; a temperature would be a one-line change in ``camera_alignment_loss``.
+
+The public helpers below are the pieces a camera-sharded implementation needs to agree with this one
+exactly: ``positive_pairs``, ``hardest_positive_rows``, ``grey_zone_sizes``, ``grey_zone_thresholds``,
+``log_denominator``, ``camera_centroids`` and ``camera_alignment_loss``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from reid.errors import ReidError
+
+__all__ = [
+    "ctacl_loss", "ctacl_loss_parts", "positive_pairs", "hardest_positive_rows", "grey_zone_sizes",
+    "grey_zone_thresholds", "log_denominator", "camera_centroids", "camera_alignment_loss",
+]
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def positive_pairs(cams, tracklets, memory_cams, memory_tracklets):
+    """Every (anchor, memory row) pair of the same camera and tracklet: the sets ``P_i``, flattened.
+
+    cams, tracklets: (B,) int64; memory_cams, memory_tracklets: (N,) int64.
+    Returns ``anchor_index`` (P,), ``row_index`` (P,) (sorted by anchor) and ``counts`` (B,) = |P_i|.
+    Sorting the N memory keys once costs O(N log N) instead of a (B, N) comparison.
+    """
+    n = memory_cams.numel()
+    keys = torch.stack([torch.cat([memory_cams, cams]), torch.cat([memory_tracklets, tracklets])], 1)
+    _, pair_id = torch.unique(keys, dim=0, return_inverse=True)
+    sorted_ids, order = torch.sort(pair_id[:n], stable=True)
+    anchor_ids = pair_id[n:]
+    lo = torch.searchsorted(sorted_ids, anchor_ids)
+    counts = torch.searchsorted(sorted_ids, anchor_ids, right=True) - lo
+    anchor_index = torch.repeat_interleave(torch.arange(cams.numel(), device=cams.device), counts)
+    first = torch.cumsum(counts, 0) - counts  # where each anchor's block starts in the flat list
+    within = torch.arange(anchor_index.numel(), device=cams.device) - first[anchor_index]
+    return anchor_index, order[lo[anchor_index] + within], counts
+
+
+def hardest_positive_rows(pair_logits, anchor_index, row_index, batch_size: int):
+    """``j*_i = argmin_{j∈P_i} s_ij`` (DESIGN §3 hard positive), from the flat pair list.
+
+    pair_logits, anchor_index, row_index: (P,). Returns (B,) int64 memory rows (-1 if ``P_i`` is empty).
+    Ties are irrelevant (DESIGN): the largest row id among equal minima is taken.
+    """
+    lowest = pair_logits.new_full((batch_size,), math.inf).scatter_reduce(0, anchor_index, pair_logits, "amin")
+    at_lowest = pair_logits == lowest[anchor_index]
+    rows = torch.full((batch_size,), -1, dtype=torch.long, device=row_index.device)
+    return rows.scatter_reduce(0, anchor_index[at_lowest], row_index[at_lowest], "amax")
+
+
+def grey_zone_sizes(n_other, grey_zone: float):
+    """⌊ρ·|O_i|⌋ per anchor. n_other: (B,) int64. Returns (B,) int64.
+
+    The small epsilon makes decimal ρ behave as written (0.29·100 is 28.999… in binary, but means 29).
+    """
+    return torch.floor(n_other.to(torch.float64) * grey_zone + 1e-9).long()
+
+
+def grey_zone_thresholds(ranked_values, sizes):
+    """Per-anchor cut: the ``sizes[i]``-th largest ``r`` among ``O_i``; +inf where the grey zone is empty.
+
+    ranked_values: (B, k) values of ``r`` over ``O_i`` sorted descending, k ≥ max(sizes); sizes: (B,).
+    A row j of ``O_i`` is in the grey zone iff ``r_ij >= threshold_i`` (ties are irrelevant, DESIGN §3).
+    """
+    if ranked_values.shape[1] == 0:
+        return ranked_values.new_full(sizes.shape, math.inf)
+    cut = ranked_values.gather(1, (sizes - 1).clamp(min=0)[:, None]).squeeze(1)
+    return torch.where(sizes > 0, cut, torch.full_like(cut, math.inf))
+
+
+def log_denominator(base_log_sum, selected_logits):
+    """``log Σ_{k∈Δ_i} exp s_ik`` for the multiset Δ_i = base ⊎ selected.
+
+    base_log_sum: (B,) ``log Σ exp s`` over the plain rows (here A_i ∪ N_i); selected_logits: (B, K')
+    logits of the extra picks (H_i and E_i side by side, one column per pick so a row picked twice
+    counts twice; -inf pads a missing pick). Returns (B,).
+    """
+    return torch.logsumexp(torch.cat([base_log_sum[:, None], selected_logits], 1), 1)
+
+
+def camera_centroids(memory, memory_cams):
+    """``C_c = normalize(mean_{j: c_j=c} m_j)`` over the cameras that have memory rows.
+
+    memory: (N, D); memory_cams: (N,). Returns ``camera_ids`` (C,) sorted and ``centroids`` (C, D).
+    Normalising the sum equals normalising the mean; one pass over the memory.
+    """
+    camera_ids, slot = torch.unique(memory_cams, return_inverse=True)
+    sums = memory.new_zeros(camera_ids.numel(), memory.shape[1]).index_add_(0, slot, memory)
+    return camera_ids, F.normalize(sums, dim=1)
+
+
+def camera_alignment_loss(features, centroids):
+    """``L_cam(i) = KL(uniform ‖ softmax(f_i·Cᵀ))`` (no temperature, DESIGN §3 literally).
+
+    features: (B, D); centroids: (C, D). Returns (B,). KL(u‖p) = Σ_c u_c log(u_c/p_c)
+    = logsumexp(z) − mean(z) − log C with z = f_i·Cᵀ.
+    """
+    z = features @ centroids.T
+    return torch.logsumexp(z, 1) - z.mean(1) - math.log(centroids.shape[0])
+
+
+# ----------------------------------------------------------------------------------------- autograd
+
+
+class _ThroughLogits(torch.autograd.Function):
+    """Gives ``features`` the gradient of a loss whose ``dL/ds`` (B, N) was computed in the forward pass.
+
+    s = features·Mᵀ/τ, so dL/dfeatures = dL/ds · M / τ: the one (B, N)·(N, D) product of backward.
+    """
+
+    @staticmethod
+    def forward(ctx, features, value, grad_logits, memory, inv_temperature):
+        ctx.save_for_backward(grad_logits, memory)  # memory's version counter guards against early updates
+        ctx.inv_temperature = inv_temperature
+        ctx.features_dtype = features.dtype
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_logits, memory = ctx.saved_tensors
+        grad = (grad_logits.to(memory.dtype) @ memory).to(ctx.features_dtype)
+        return grad.mul_(grad_out * ctx.inv_temperature), None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------- the loss
+
+
+def _check(features, cams, tracklets, memory, memory_cams, memory_tracklets, temperature, ks, grey_zone):
+    def fail(what, given, expected):
+        raise ReidError(f"ctacl_loss: {what} is {given}, expected {expected}")
+
+    if features.dim() != 2 or features.shape[0] == 0:
+        fail("features shape", tuple(features.shape), "(B, D) with B >= 1")
+    if memory.dim() != 2 or memory.shape[0] == 0 or memory.shape[1] != features.shape[1]:
+        fail("memory shape", tuple(memory.shape), f"(N, {features.shape[1]}) with N >= 1")
+    if not (features.is_floating_point() and memory.is_floating_point()):
+        fail("features/memory dtype", f"{features.dtype}/{memory.dtype}", "floating point")
+    for name, t, n in (("cams", cams, features.shape[0]), ("tracklets", tracklets, features.shape[0]),
+                       ("memory_cams", memory_cams, memory.shape[0]),
+                       ("memory_tracklets", memory_tracklets, memory.shape[0])):
+        if t.shape != (n,) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            fail(name, f"{tuple(t.shape)} {t.dtype}", f"({n},) integer")
+    if not temperature > 0:
+        fail("temperature", temperature, "> 0")
+    for name, k in ks.items():
+        if not (isinstance(k, int) and k >= 0):
+            fail(name, k, "an integer >= 0")
+    if not 0 <= grey_zone < 1:
+        fail("grey_zone", grey_zone, "in [0, 1)")
+
+
+def _ctacl(features, cams, tracklets, memory, memory_cams, memory_tracklets, *, temperature=0.07, topk=5,
+           grey_zone=0.01, cam_weight=0.2, warmup=False, hard_topk=None, easy_topk=None, centroids=None,
+           with_parts=False):
+    hard_k = topk if hard_topk is None else hard_topk
+    easy_k = topk if easy_topk is None else easy_topk
+    _check(features, cams, tracklets, memory, memory_cams, memory_tracklets, temperature,
+           {"topk": topk, "hard_topk": hard_k, "easy_topk": easy_k}, grey_zone)
+    cams, tracklets = cams.long(), tracklets.long()
+    memory_cams, memory_tracklets = memory_cams.long(), memory_tracklets.long()
+    memory = memory.detach()
+    b, n = features.shape[0], memory.shape[0]
+
+    with torch.no_grad():
+        anchor_index, row_index, n_pos = positive_pairs(cams, tracklets, memory_cams, memory_tracklets)
+        if bool((n_pos == 0).any()):
+            bad = torch.nonzero(n_pos == 0).flatten()[:5].tolist()
+            raise ReidError(f"ctacl_loss: anchors {bad} have no memory row of their own camera and tracklet "
+                            "(P_i is empty), expected each anchor's own row to be in memory")
+        camera_ids, camera_rows = torch.unique(memory_cams, return_counts=True)
+        slot = torch.searchsorted(camera_ids, cams).clamp(max=camera_ids.numel() - 1)
+        n_same = torch.where(camera_ids[slot] == cams, camera_rows[slot], 0)  # |A_i| (≥ |P_i| ≥ 1)
+        n_other = n - n_same
+
+        # s = f·Mᵀ/τ, computed in the memory's precision (a bf16 memory bank stays bf16 in the product).
+        logits = (features.detach().to(memory.dtype) * (1.0 / temperature)) @ memory.T
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        pos_logits = logits[anchor_index, row_index]
+        pos_sum = logits.new_zeros(b).index_add_(0, anchor_index, pos_logits)
+        if warmup:
+            terms = _intra_terms(logits, cams, memory_cams, anchor_index, row_index, n_pos, pos_sum)
+        else:
+            terms = _full_terms(logits, cams, memory_cams, memory, anchor_index, row_index, n_pos, n_other,
+                                pos_logits, pos_sum, hard_k, easy_k, grey_zone, with_parts)
+        value, grad_logits = terms["per_anchor"].mean(), terms["grad_logits"]
+
+    loss = _ThroughLogits.apply(features, value.to(features.dtype), grad_logits, memory, 1.0 / temperature)
+    cam = None
+    if not warmup and (cam_weight != 0 or with_parts):
+        if centroids is None:
+            centroids = camera_centroids(memory, memory_cams)[1]
+        with torch.set_grad_enabled(cam_weight != 0 and torch.is_grad_enabled()):
+            cam = camera_alignment_loss(features, centroids.detach().to(features.dtype)).mean()
+        if cam_weight != 0:
+            loss = loss + cam_weight * cam
+    if not with_parts:
+        return {"loss": loss}
+
+    zero = value.new_zeros(())
+    empty = torch.empty(b, 0, dtype=torch.long, device=features.device)
+    return {
+        "loss": loss,
+        "intra": (value if warmup else terms["intra"]).detach(),
+        "inter": zero if warmup else value.detach(),
+        "cam": zero if cam is None else cam.detach(),
+        "counts": {"positives": n_pos, "same_camera": n_same, "other_camera": n_other,
+                   "hard": terms.get("n_hard", torch.zeros_like(n_pos)),
+                   "easy": terms.get("n_easy", torch.zeros_like(n_pos)),
+                   "grey": terms.get("n_grey", torch.zeros_like(n_pos)),
+                   "cameras": camera_ids.numel()},
+        "hard_ids": terms.get("hard_ids", empty),
+        "easy_ids": terms.get("easy_ids", empty),
+    }
+
+
+def _intra_terms(logits, cams, memory_cams, anchor_index, row_index, n_pos, pos_sum):
+    """Warm-up: ``L_intra(i) = −mean_{p∈P_i} s_ip + log Σ_{k∈A_i} exp s_ik`` and its dL/ds. Consumes logits."""
+    b = logits.shape[0]
+    logits.masked_fill_(cams[:, None] != memory_cams[None, :], -math.inf)  # keep A_i only
+    shift = logits.amax(1)
+    e = logits.sub_(shift[:, None]).exp_()
+    z = e.sum(1)
+    per_anchor = shift + torch.log(z) - pos_sum / n_pos
+    grad = e.mul_((1.0 / (b * z))[:, None])  # softmax over A_i, already divided by B for the mean
+    grad.index_put_((anchor_index, row_index), -(1.0 / (b * n_pos.to(grad.dtype)))[anchor_index], accumulate=True)
+    return {"per_anchor": per_anchor, "grad_logits": grad}
+
+
+def _full_terms(logits, cams, memory_cams, memory, anchor_index, row_index, n_pos, n_other, pos_logits,
+                pos_sum, hard_k, easy_k, grey_zone, with_parts):
+    """Full mode: ``L_cl(i)`` (multisets Π_i, Δ_i of DESIGN §3) and its dL/ds (B, N). Consumes logits."""
+    b, n = logits.shape
+    same_cam = cams[:, None] == memory_cams[None, :]  # A_i, (B, N) bool
+
+    # r = h·Mᵀ over O_i; one sorted top-k serves both H_i (first hard_k) and the grey-zone cut.
+    hard_rows = hardest_positive_rows(pos_logits, anchor_index, row_index, b)
+    ranking = memory[hard_rows] @ memory.T
+    ranking = ranking.float() if ranking.dtype in (torch.float16, torch.bfloat16) else ranking
+    ranking.masked_fill_(same_cam, -math.inf)
+    n_grey = grey_zone_sizes(n_other, grey_zone)
+    depth = min(max(hard_k, int(n_grey.max())), n)
+    ranked_values, ranked_ids = ranking.topk(depth, dim=1, sorted=True)
+    threshold = grey_zone_thresholds(ranked_values, n_grey)
+    grey = ranking >= threshold[:, None]
+
+    # E_i: top-k of O_i by s. The ranking buffer is free now; reuse it for s restricted to O_i.
+    easy_k = min(easy_k, n)
+    other_logits = torch.where(same_cam, logits.new_tensor(-math.inf), logits, out=ranking) if easy_k else None
+    if easy_k:
+        easy_ids = other_logits.topk(easy_k, dim=1).indices
+    else:
+        easy_ids = torch.empty(b, 0, dtype=torch.long, device=logits.device)
+    hard_ids = ranked_ids[:, :min(hard_k, n)]
+    # Fewer than K other-camera rows: only the first |O_i| picks exist (the rest are -inf fillers).
+    hard_ok = torch.arange(hard_ids.shape[1], device=logits.device)[None, :] < n_other[:, None]
+    easy_ok = torch.arange(easy_k, device=logits.device)[None, :] < n_other[:, None]
+    hard_ids, easy_ids = hard_ids.masked_fill(~hard_ok, 0), easy_ids.masked_fill(~easy_ok, 0)
+    picked_ids = torch.cat([hard_ids, easy_ids], 1)  # (B, K_h + K_e): H_i ⊎ E_i, one column per pick
+    picked_ok = torch.cat([hard_ok, easy_ok], 1)
+    picked = logits.gather(1, picked_ids).masked_fill_(~picked_ok, -math.inf)
+    del other_logits, ranking
+
+    # Denominator Δ_i = A_i ⊎ N_i ⊎ H_i ⊎ E_i; A_i ∪ N_i is every row outside the grey zone.
+    logits.masked_fill_(grey, -math.inf)
+    shift = logits.amax(1)  # finite: A_i is never empty
+    if picked.shape[1]:
+        shift = torch.maximum(shift, picked.amax(1))
+    e = logits.sub_(shift[:, None]).exp_()  # exp(s − shift) on A_i ∪ N_i, 0 on the grey zone
+    base = e.sum(1)
+    picked_e = torch.exp(picked - shift[:, None])  # 0 for missing picks
+    z = base + picked_e.sum(1)
+    n_picked = picked_ok.sum(1)
+    n_num = n_pos + n_picked  # |Π_i|
+    num_sum = pos_sum + picked.masked_fill(~picked_ok, 0).sum(1)
+    per_anchor = shift + torch.log(z) - num_sum / n_num
+
+    out = {"per_anchor": per_anchor}
+    if with_parts:  # L_intra for logging only: same P_i over A_i alone
+        a_sum = torch.where(same_cam, e, 0).sum(1)
+        out["intra"] = (shift + torch.log(a_sum) - pos_sum / n_pos).mean()
+        out.update(hard_ids=torch.where(hard_ok, hard_ids, -1), easy_ids=torch.where(easy_ok, easy_ids, -1),
+                   n_hard=hard_ok.sum(1), n_easy=easy_ok.sum(1), n_grey=n_grey)
+
+    # dL/ds_ij = (w_den_ij·exp s_ij / Z_i − w_num_ij / |Π_i|) / B, weights = multiset multiplicities.
+    inv_z = 1.0 / (b * z)
+    inv_num = 1.0 / (b * n_num.to(e.dtype))
+    grad = e.mul_(inv_z[:, None])
+    grad.scatter_add_(1, picked_ids, (picked_e * inv_z[:, None] - inv_num[:, None]) * picked_ok)
+    grad.index_put_((anchor_index, row_index), -inv_num[anchor_index], accumulate=True)
+    out["grad_logits"] = grad
+    return out
+
+
+def ctacl_loss(features, cams, tracklets, memory, memory_cams, memory_tracklets, *, temperature=0.07, topk=5,
+               grey_zone=0.01, cam_weight=0.2, warmup=False, hard_topk=None, easy_topk=None, centroids=None):
+    """CTACL loss of DESIGN §3, a scalar with gradient w.r.t. ``features`` only.
+
+    features: (B, D) L2-normalised; cams, tracklets: (B,) int64; memory: (N, D) L2-normalised (read, never
+    modified, no gradient); memory_cams, memory_tracklets: (N,) int64. Every anchor's (camera, tracklet) must
+    have a memory row (in training its own row), else ``ReidError``.
+    ``warmup=True``: mean ``L_intra``. Otherwise mean ``L_cl`` + ``cam_weight``·mean ``L_cam``.
+    ``hard_topk``/``easy_topk``: K for H_i / E_i (None → ``topk``; 0 drops that kind of positive);
+    ``grey_zone=0`` drops the grey zone; ``cam_weight=0`` the camera term (ablations).
+    ``centroids``: optional (C, D) normalised camera centroids (e.g. kept by the memory bank); computed
+    from ``memory`` when None. Backward must run before the memory is updated in place.
+    """
+    return _ctacl(features, cams, tracklets, memory, memory_cams, memory_tracklets, temperature=temperature,
+                  topk=topk, grey_zone=grey_zone, cam_weight=cam_weight, warmup=warmup, hard_topk=hard_topk,
+                  easy_topk=easy_topk, centroids=centroids)["loss"]
+
+
+def ctacl_loss_parts(features, cams, tracklets, memory, memory_cams, memory_tracklets, *, temperature=0.07, topk=5,
+                     grey_zone=0.01, cam_weight=0.2, warmup=False, hard_topk=None, easy_topk=None, centroids=None):
+    """``ctacl_loss`` plus its parts for logging and diagnostics (same arguments).
+
+    Returns ``loss`` (scalar with grad, identical to ``ctacl_loss``); ``intra`` = mean L_intra,
+    ``inter`` = mean L_cl, ``cam`` = mean L_cam (detached 0-dim tensors; ``inter`` and ``cam`` are 0 in
+    warm-up, where they are not computed); ``counts`` = per-anchor (B,) int64 tensors ``positives`` |P_i|,
+    ``same_camera`` |A_i|, ``other_camera`` |O_i|, ``hard`` |H_i|, ``easy`` |E_i|, ``grey`` ⌊ρ|O_i|⌋, and
+    ``cameras`` (int, cameras with memory rows); ``hard_ids``/``easy_ids`` (B, min(K, N)) int64 memory rows
+    of H_i / E_i in rank order, -1 where fewer than K other-camera rows exist ((B, 0) in warm-up).
+    """
+    return _ctacl(features, cams, tracklets, memory, memory_cams, memory_tracklets, temperature=temperature,
+                  topk=topk, grey_zone=grey_zone, cam_weight=cam_weight, warmup=warmup, hard_topk=hard_topk,
+                  easy_topk=easy_topk, centroids=centroids, with_parts=True)
