@@ -28,9 +28,11 @@ def _cmd_train(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5 data.root=/data/VeRi")
     args = p.parse_args(argv)
     from reid.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # config errors before the heavy imports
     from reid.train import main
 
-    main(load_config(args.config, args.overrides))
+    main(cfg)
     return 0
 
 
