@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from reid.errors import ReidError
 
 DEFAULT_ENTRY = "reid.train:main"
-MIN_TIME_MIN = 11  # submitit counts every signal as a time-out when the limit is <= 10 min
+MIN_TIME_MIN = 11
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # submitit counts every signal as a time-out when the limit is <= 10 min
 
 
 @dataclass
@@ -148,6 +149,8 @@ def make_executor(opts: SlurmOptions, folder: str):
         signal_delay_s=opts.signal_delay_s,
         # Explicit, because some clusters make batch jobs non-requeueable by default (JobRequeue=0).
         additional_parameters={"requeue": True},
+        # The job unpickles launch.submit.Trainer: let it import the same source tree as the submitter.
+        setup=[f"export PYTHONPATH={shlex.quote(REPO_ROOT)}${{PYTHONPATH:+:$PYTHONPATH}}"],
     )
     optional = dict(partition=opts.partition, cpus_per_task=opts.cpus_per_task, account=opts.account,
                     qos=opts.qos, constraint=opts.constraint,
