@@ -33,8 +33,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from reid.data.synthetic import NAME, SynthConfig, _rng, _CAMERA, generate
-from reid.data.synthetic_camera import make_camera
+from reid.data.synthetic import NAME, SynthConfig, camera_views, generate
 
 
 def load_split(folder: str):
@@ -122,8 +121,7 @@ def main() -> None:
         q_names, q_img, qp, qc = load_split(os.path.join(root, "image_query"))
         g_names, g_img, gp, gc = load_split(os.path.join(root, "image_test"))
         n_train = len(os.listdir(os.path.join(root, "image_train")))
-    views = np.array(["none"] + [make_camera(_rng(cfg, _CAMERA, c), cfg.height, cfg.width, cfg.blur, cfg.noise).view
-                                 for c in range(1, cfg.cameras + 1)])
+    views = np.array(["none"] + list(camera_views(cfg).values()))  # indexed by camera number
     rng = np.random.default_rng(args.seed)
     feats = {"random features": (rng.normal(size=(len(q_img), 64)), rng.normal(size=(len(g_img), 64)))}
     pix = lambda a: a.reshape(len(a), -1).astype(np.float32) - a.reshape(len(a), -1).mean(1, keepdims=True)  # noqa

@@ -180,3 +180,15 @@ def test_refuses_to_delete_files_it_did_not_write(tmp_path):
     with pytest.raises(ReidError, match="notes.txt"):
         generate(str(tmp_path), tiny(identities=2, test_identities=1, cameras=2, max_cameras=2, max_frames=2))
     assert (tmp_path / "image_train" / "notes.txt").read_text() == "mine"
+
+
+def test_each_camera_has_its_own_viewpoint_background_and_colour_cast():
+    from reid.data.synthetic import camera_views
+    from reid.data.synthetic_camera import make_camera
+
+    cams = [make_camera(np.random.default_rng([0, 2, c]), 32, 32, 1.0, 1.0) for c in range(1, 7)]
+    assert len({tuple(np.round(c.gain, 3)) for c in cams}) == len(cams)
+    assert len({c.background.tobytes() for c in cams}) == len(cams)
+    views = camera_views(SynthConfig(cameras=10))
+    assert set(views) == set(range(1, 11)) and set(views.values()) <= {"side", "front", "rear"}
+    assert len(set(views.values())) >= 2  # default cameras see vehicles from different sides

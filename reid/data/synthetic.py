@@ -106,6 +106,12 @@ def plan_passages(cfg: SynthConfig, vid: int) -> list[tuple[int, list[int]]]:
     return route
 
 
+def camera_views(cfg: SynthConfig) -> dict[int, str]:
+    """{camera: side / front / rear}: which way each camera sees the vehicles (for diagnostics only)."""
+    return {c: make_camera(_rng(cfg, _CAMERA, c), cfg.height, cfg.width, cfg.blur, cfg.noise).view
+            for c in range(1, cfg.cameras + 1)}
+
+
 def image_name(vid: int, cam: int, frame: int) -> str:
     return f"{vid:04d}_c{cam:03d}_{frame:08d}_0.jpg"
 
