@@ -44,7 +44,8 @@ def _tensor(x, name: str, device, dtype) -> torch.Tensor:
 
 
 def _prepare(query_features, gallery_features, query_pids, gallery_pids, query_cams, gallery_cams):
-    """→ q (Q, D), g (G, D) float32 unit rows; qp, gp, qc, gc int64; all on the query features' device."""
+    """→ q (Q, D), g (G, D) float32 (not yet normalised: no copy of a large float32 gallery);
+    qp, gp, qc, gc int64; all on the query features' device."""
     device = query_features.device if isinstance(query_features, torch.Tensor) else torch.device("cpu")
     q = _tensor(query_features, "query_features", device, torch.float32)
     g = _tensor(gallery_features, "gallery_features", device, torch.float32)
@@ -63,7 +64,12 @@ def _prepare(query_features, gallery_features, query_pids, gallery_pids, query_c
             raise ReidError(f"evaluate: '{name}' is empty")
         if not bool(torch.isfinite(t).all()):
             raise ReidError(f"evaluate: '{name}' contains NaN or inf")
-    return (F.normalize(q, dim=1), F.normalize(g, dim=1), *labels)
+    return (q, g, *labels)
+
+
+def _unit_rows_(x: torch.Tensor) -> torch.Tensor:
+    """L2-normalise the rows of `x` in place (x must be our own copy)."""
+    return x.div_(x.norm(dim=1, keepdim=True).clamp_(min=1e-12))
 
 
 def pairwise_similarity(a, b) -> torch.Tensor:
@@ -167,8 +173,10 @@ def evaluate(query_features, gallery_features, query_pids, gallery_pids, query_c
     q, g, qp, gp, qc, gc = _prepare(query_features, gallery_features, query_pids, gallery_pids,
                                     query_cams, gallery_cams)
     gallery = _GalleryByIdentity(gp, gc)
-    g_t = g[gallery.order].T.contiguous()  # (D, G), one copy so each chunk is a plain matrix product
-    return _metrics(lambda lo, hi: q[lo:hi] @ g_t, len(q), gallery, qp, qc, chunk_size, max_rank)
+    g_sorted = _unit_rows_(g[gallery.order])  # the only copy of the gallery: (G, D) in identity order
+    del g
+    return _metrics(lambda lo, hi: F.normalize(q[lo:hi], dim=1) @ g_sorted.T, len(q), gallery, qp, qc,
+                    chunk_size, max_rank)
 
 
 def evaluate_distances(distances, query_pids, gallery_pids, query_cams, gallery_cams,
@@ -198,8 +206,9 @@ def top_matches(query_features, gallery_features, query_pids=None, gallery_pids=
         q, g, qp, gp, qc, gc = _prepare(query_features, gallery_features, query_pids, gallery_pids,
                                         query_cams, gallery_cams)
     else:
-        q, g = F.normalize(_tensor(query_features, "query_features", None, torch.float32), dim=1), None
-        g = F.normalize(_tensor(gallery_features, "gallery_features", q.device, torch.float32), dim=1)
+        q = _tensor(query_features, "query_features", None, torch.float32)
+        g = _tensor(gallery_features, "gallery_features", q.device, torch.float32)
+    q, g = F.normalize(q, dim=1), F.normalize(g, dim=1)
     k = min(k, len(g))
     chunk = chunk_size or auto_chunk_size(len(g))
     out = []
@@ -229,6 +238,7 @@ def rank1_same_vs_cross_camera(query_features, gallery_features, query_pids, gal
     """
     q, g, qp, gp, qc, gc = _prepare(query_features, gallery_features, query_pids, gallery_pids,
                                     query_cams, gallery_cams)
+    q, g = F.normalize(q, dim=1), F.normalize(g, dim=1)
     self_idx = (torch.full_like(qp, -1) if query_gallery_index is None
                 else _tensor(query_gallery_index, "query_gallery_index", q.device, torch.int64).reshape(-1))
     if len(self_idx) != len(q):

@@ -75,7 +75,7 @@ def save_retrieval_grid(path: str, query_paths, gallery_paths, ranked_gallery_id
         draw.text((x0, y0 + h + 2 * border + 1), label, fill=(0, 0, 0), font=font)
 
     for i, qpath in enumerate(query_paths):
-        put(0, i, qpath, QUERY_BLUE, f"q id {qp[i]}" if labelled else "query")
+        put(0, i, qpath, QUERY_BLUE, (f"q id {qp[i]}" if labelled else "query") + (f" c{qc[i]}" if qc is not None else ""))
         shown = 0
         for j, g in enumerate(int(v) for v in ranked[i]):
             if shown == topk:
@@ -88,7 +88,10 @@ def save_retrieval_grid(path: str, query_paths, gallery_paths, ranked_gallery_id
             if same_id and qc is not None and gc is not None and gc[g] == qc[i]:
                 continue  # junk under the evaluation rule
             colour = GREY if not labelled else (GREEN if same_id else RED)
-            label = f"{scores[i, j]:.3f}" if scores is not None else (f"id {gp[g]}" if labelled else f"#{shown + 1}")
+            if scores is not None:
+                label = f"{scores[i, j]:.3f}"
+            else:
+                label = (f"id {gp[g]}" if labelled else f"#{shown + 1}") + (f" c{gc[g]}" if gc is not None else "")
             put(pitch_w * (shown + 1) + gap, i, gallery_paths[g], colour, label)
             shown += 1
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
