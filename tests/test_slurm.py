@@ -262,3 +262,26 @@ def test_checkpoint_requeues_the_same_training():
     again = trainer.checkpoint()
     assert again.function.cfg.train.epochs == 2 and again.function.entry == "reid.train:main"
     assert again.function is not trainer
+
+
+def test_flags_become_sbatch_lines_with_requeue_and_the_preemption_signal(tmp_path):
+    from launch.submit import build_parser, make_executor, options_from_args
+
+    args = build_parser().parse_args(["--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task", "8", "--mem", "64",
+                                      "--partition", "gpu", "--time", "600", "--account", "proj", "--qos", "high",
+                                      "--constraint", "a100", "--job-name", "veriwild", "--signal-delay", "120"])
+    opts = options_from_args(args)
+    assert opts.num_tasks == 8  # one task per GPU
+    script = make_executor(opts, str(tmp_path))._make_submission_file_text("true", "uid")
+    for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8", "--mem=65536M",
+                 "--partition=gpu", "--time=600", "--account=proj", "--qos=high", "--constraint=a100",
+                 "--job-name=veriwild", "--signal=USR2@120"):
+        assert f"#SBATCH {line}\n" in script
+    assert "#SBATCH --requeue\n" in script
+
+
+def test_tasks_per_node_must_match_gpus_per_node():
+    from launch.submit import build_parser, options_from_args
+
+    with pytest.raises(ReidError, match="--tasks-per-node: got 2 with --gpus-per-node 4"):
+        options_from_args(build_parser().parse_args(["--gpus-per-node", "4", "--tasks-per-node", "2"]))
