@@ -123,6 +123,8 @@ def _chunk_ranks(sims: torch.Tensor, pos_sims: torch.Tensor, num_pos: torch.Tens
     bucket_j ≥ P + 1 − k (ties: the negative first).
     """
     qc, pmax = pos_sims.shape
+    if pmax == 0:  # no query of this chunk has a positive
+        return torch.zeros(qc, dtype=torch.float64, device=sims.device), torch.ones_like(num_pos)
     bucket = torch.searchsorted(pos_sims, sims, right=True)
     hist = torch.zeros(qc, pmax + 1, dtype=torch.int64, device=sims.device)
     hist.scatter_add_(1, bucket, torch.ones(1, 1, dtype=torch.int64, device=sims.device).expand_as(bucket))
@@ -133,13 +135,14 @@ def _chunk_ranks(sims: torch.Tensor, pos_sims: torch.Tensor, num_pos: torch.Tens
     neg_above = above.gather(1, c)
     precision = torch.where(valid, k[None, :] / (k[None, :] + neg_above), torch.zeros((), device=sims.device))
     ap = precision.sum(1, dtype=torch.float64) / num_pos.clamp(min=1)
-    first_rank = 1 + neg_above[:, 0] if pmax else torch.ones_like(num_pos)
-    return ap, first_rank
+    return ap, 1 + neg_above[:, 0]
 
 
 def _metrics(similarity_chunk: Callable[[int, int], torch.Tensor], num_queries: int,
              gallery: _GalleryByIdentity, query_pids, query_cams, chunk_size, max_rank) -> dict:
     """`similarity_chunk(lo, hi)` → (hi - lo, G) similarities in gallery-by-identity column order."""
+    if max_rank < 1:
+        raise ReidError(f"evaluate: max_rank must be at least 1, got {max_rank}")
     chunk = chunk_size or auto_chunk_size(len(gallery.pids))
     aps, firsts, valid = [], [], []
     for lo in range(0, num_queries, chunk):
@@ -147,7 +150,9 @@ def _metrics(similarity_chunk: Callable[[int, int], torch.Tensor], num_queries: 
         sims = similarity_chunk(lo, hi)
         pos_sims, num_pos = gallery.positive_sims(sims, query_pids[lo:hi], query_cams[lo:hi])
         ap, first = _chunk_ranks(sims, pos_sims, num_pos)
-        aps.append(ap), firsts.append(first), valid.append(num_pos > 0)
+        aps.append(ap)
+        firsts.append(first)
+        valid.append(num_pos > 0)
         del sims
     valid = torch.cat(valid)
     n_valid = int(valid.sum())

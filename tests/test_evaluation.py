@@ -80,11 +80,12 @@ def test_queries_without_a_valid_match_are_skipped_and_counted():
     qp = qp.copy()
     qp[0] = 99   # identity absent from the gallery
     qp[1] = -1   # unknown identity: never evaluated
-    result = evaluate(qf, gf, qp, gp, qc, gc)
     expected = brute_force(qf[2:], gf, qp[2:], gp, qc[2:], gc)
-    assert result["skipped_queries"] == 2 + expected["skipped_queries"]
-    assert result["valid_queries"] == expected["valid_queries"]
-    assert result["mAP"] == pytest.approx(expected["mAP"], abs=1e-12)
+    for chunk_size in (1, 2, None):  # chunks made only of skipped queries included
+        result = evaluate(qf, gf, qp, gp, qc, gc, chunk_size=chunk_size)
+        assert result["skipped_queries"] == 2 + expected["skipped_queries"]
+        assert result["valid_queries"] == expected["valid_queries"]
+        assert result["mAP"] == pytest.approx(expected["mAP"], abs=1e-12)
 
 
 def test_identity_seen_only_by_the_query_camera_is_skipped_and_its_images_are_junk():
