@@ -30,7 +30,11 @@ def evaluate_model(model, dataset, cfg, device, features: dict | None = None) ->
     result = evaluate(qf, gf, q.pids, g.pids, q.cams, g.cams)
     out = {k: float(v) for k, v in result.items()}
     if cfg.eval.diagnostics:
-        out.update({k: float(v) for k, v in rank1_same_vs_cross_camera(qf, gf, q.pids, g.pids, q.cams, g.cams).items()})
+        # VeRi-style galleries contain the query images themselves: exclude each query's own copy.
+        where = {os.path.basename(p): i for i, p in enumerate(g.paths)}
+        own = np.array([where.get(os.path.basename(p), -1) for p in q.paths])
+        gap = rank1_same_vs_cross_camera(qf, gf, q.pids, g.pids, q.cams, g.cams, query_gallery_index=own)
+        out.update({k: float(v) for k, v in gap.items()})
     if features is not None:
         features.update(query=qf, gallery=gf)
     return out
