@@ -160,9 +160,11 @@ def _metrics(similarity_chunk: Callable[[int, int], torch.Tensor], num_queries: 
         raise ReidError(f"evaluate: none of the {num_queries} queries has a gallery image of its identity "
                         f"from another camera (check the query/gallery split, pids and cams)")
     ap, first = torch.cat(aps)[valid], torch.cat(firsts)[valid]
-    cmc = [(first <= r).double().mean().item() for r in range(1, max(max_rank, 10) + 1)]
-    return {"mAP": ap.mean().item(), "rank1": cmc[0], "rank5": cmc[4], "rank10": cmc[9],
-            "cmc": cmc[:max_rank], "valid_queries": n_valid, "skipped_queries": num_queries - n_valid}
+    # Every value is a plain number (callers do `float(v)` over the dict); CMC at 1, 5, 10 and max_rank.
+    result = {"mAP": ap.mean().item()}
+    for r in sorted({1, 5, 10, max_rank}):
+        result[f"rank{r}"] = (first <= r).double().mean().item()
+    return {**result, "valid_queries": n_valid, "skipped_queries": num_queries - n_valid}
 
 
 def evaluate(query_features, gallery_features, query_pids, gallery_pids, query_cams, gallery_cams,
@@ -172,7 +174,7 @@ def evaluate(query_features, gallery_features, query_pids, gallery_pids, query_c
     query_features (Q, D), gallery_features (G, D): L2-normalised, torch (any device) or numpy.
     query_pids/query_cams (Q,), gallery_pids/gallery_cams (G,): integers.
     chunk_size: queries per chunk (default: ~256 MiB of working memory).
-    → {"mAP", "rank1", "rank5", "rank10": float in [0, 1], "cmc": [Rank-1..Rank-max_rank],
+    → {"mAP", "rank1", "rank5", "rank10" (and "rank<max_rank>"): float in [0, 1],
        "valid_queries": int, "skipped_queries": int}. Raises ReidError when no query is valid.
     """
     q, g, qp, gp, qc, gc = _prepare(query_features, gallery_features, query_pids, gallery_pids,
