@@ -40,6 +40,10 @@ def make_split(num_queries: int, num_gallery: int, dim: int, identities: int, ca
     return [t.to(device) for t in (q, g, q_pids, g_pids, q_cams, g_cams)]
 
 
+def cell(value, width: int, decimals: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.{decimals}f}"
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -112,10 +116,10 @@ def main() -> int:
                    "floor_at_10k_s": floor * FULL_QUERIES / nq, "mAP_evaluate": res["mAP"], "mAP_sort": map_sort,
                    "valid_queries": res["valid_queries"]}
             rows.append(row)
-            fmt = lambda v, spec: "-" if v is None else format(v, spec)
-            print(f"{nq:>8} {dim:>5} | {floor:>8.2f} {t_eval:>10.2f} {fmt(t_sort, '>8.2f')} | {t_eval / floor:>10.2f} "
-                  f"{fmt(None if t_sort is None else t_sort / floor, '>10.2f')} | {row['evaluate_at_10k_s']:>15.0f} "
-                  f"{fmt(row['sort_at_10k_s'], '>11.0f')} | {res['mAP']:>9.5f} {fmt(map_sort, '>9.5f')}", flush=True)
+            ratio = None if t_sort is None else t_sort / floor
+            print(f"{nq:>8} {dim:>5} | {floor:>8.2f} {t_eval:>10.2f} {cell(t_sort, 8, 2)} | {t_eval / floor:>10.2f} "
+                  f"{cell(ratio, 10, 2)} | {row['evaluate_at_10k_s']:>15.0f} {cell(row['sort_at_10k_s'], 11, 0)} | "
+                  f"{res['mAP']:>9.5f} {cell(map_sort, 9, 5)}", flush=True)
             del q, g
     # evaluate has a one-off part (gallery copy in identity order, normalisation, checks): a line through
     # the two largest query counts separates it from the per-query cost, which is what 10,000 queries pay.
