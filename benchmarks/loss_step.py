@@ -1,0 +1,203 @@
+"""Benchmark: one CTACL training step's loss work vs the floor of its matrix products (issue 4, "Performance").
+
+A step = ``ctacl_loss`` forward + backward + memory update ``m_idx ← normalize(½·m_idx + ½·f)``, at B=128,
+D=2048, on random normalised memories shaped like VeRi-776 (N=37,778, 20 cameras) and VeRi-Wild
+(N=277,797, 174 cameras), tracklets of 5-10 rows. Compared with, in the same run:
+  floor  the bare products the loss cannot avoid: s = f·Mᵀ and r = h·Mᵀ forward, dL/ds·M backward
+         (each in its fastest form on this CPU, see ``reid.losses._scores``);
+  naive  a per-anchor loop (torch ops over N per anchor, autograd) timed on a few anchors and scaled to B.
+Floor and step alternate in every repetition, so the ratio stays meaningful on a shared, loaded machine.
+Peak extra memory is measured in a fresh subprocess as the ru_maxrss growth over one step.
+
+    python benchmarks/loss_step.py [--sizes veri776,veriwild] [--reps 3] [--out benchmarks/results/loss_step.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from reid.losses import camera_alignment_loss, camera_centroids, ctacl_loss
+
+SIZES = {"veri776": (37_778, 20), "veriwild": (277_797, 174)}
+LOSS_KW = {"temperature": 0.07, "topk": 5, "grey_zone": 0.01, "cam_weight": 0.2}
+
+
+def make_memory(n, n_cams, dim, seed):
+    """Random unit rows (N, D) with cameras and tracklets of 5-10 consecutive rows."""
+    g = torch.Generator().manual_seed(seed)
+    memory = torch.randn(n, dim, generator=g)
+    memory.div_(memory.norm(dim=1, keepdim=True))  # in place: no second N×D copy
+    sizes = torch.randint(5, 11, (n // 5 + 1,), generator=g)
+    tracklets = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)[:n]
+    tracklet_cams = torch.randint(0, n_cams, (sizes.numel(),), generator=g)
+    return memory, tracklet_cams[tracklets], tracklets
+
+
+def make_batch(memory, memory_cams, memory_tracklets, batch, seed):
+    g = torch.Generator().manual_seed(seed + 1)
+    rows = torch.randperm(memory.shape[0], generator=g)[:batch]
+    features = F.normalize(memory[rows] + 0.3 * torch.randn(batch, memory.shape[1], generator=g), dim=1)
+    return features, memory_cams[rows], memory_tracklets[rows], rows
+
+
+def loss_step(features, cams, tracklets, rows, memory, memory_cams, memory_tracklets):
+    f = features.clone().requires_grad_(True)
+    loss = ctacl_loss(f, cams, tracklets, memory, memory_cams, memory_tracklets, **LOSS_KW)
+    loss.backward()
+    with torch.no_grad():  # after backward, as in training (DESIGN §3)
+        memory[rows] = F.normalize(0.5 * memory[rows] + 0.5 * f.detach(), dim=1)
+    return float(loss.detach())
+
+
+def floor_step(features, hard, grad_logits, memory):
+    """The three (B, N, D) products, nothing else."""
+    memory @ features.T
+    memory @ hard.T
+    grad_logits @ memory
+
+
+def naive_anchor_loss(f, cam, tracklet, memory, memory_cams, memory_tracklets, centroids, temperature, topk,
+                      grey_zone, cam_weight):
+    """DESIGN §3 for one anchor with plain torch ops over N (what one writes first)."""
+    s = memory @ f / temperature
+    same = memory_cams == cam
+    positives = torch.nonzero(same & (memory_tracklets == tracklet)).squeeze(1)
+    hard_row = positives[s.detach()[positives].argmin()]
+    r = memory @ memory[hard_row]
+    other = torch.nonzero(~same).squeeze(1)
+    k = min(topk, other.numel())
+    by_r = other[r[other].topk(max(k, math.floor(grey_zone * other.numel() + 1e-9))).indices]
+    hard, easy = by_r[:k], other[s.detach()[other].topk(k).indices]
+    keep = torch.ones_like(same)
+    keep[by_r[:math.floor(grey_zone * other.numel() + 1e-9)]] = False
+    denominator = torch.logsumexp(torch.cat([s[keep], s[hard], s[easy]]), 0)
+    numerator = torch.cat([s[positives], s[hard], s[easy]])
+    return denominator - numerator.mean() + cam_weight * camera_alignment_loss(f[None], centroids)[0]
+
+
+def naive_time(features, cams, tracklets, memory, memory_cams, memory_tracklets, anchors):
+    """Per-anchor loop on the first ``anchors`` anchors, scaled to the batch. Returns (seconds, loss)."""
+    t0 = time.perf_counter()
+    centroids = camera_centroids(memory, memory_cams)[1]
+    t_shared = time.perf_counter() - t0
+    f = features[:anchors].clone().requires_grad_(True)
+    t0 = time.perf_counter()
+    losses = [naive_anchor_loss(f[i], cams[i], tracklets[i], memory, memory_cams, memory_tracklets, centroids,
+                                **LOSS_KW) for i in range(anchors)]
+    torch.stack(losses).mean().backward()
+    t_loop = time.perf_counter() - t0
+    return t_shared + t_loop * features.shape[0] / anchors, float(torch.stack(losses).mean().detach())
+
+
+def estimate_extra_bytes(batch, n, dtype_bytes=4):
+    """Largest set of (B, N) buffers alive at once inside ctacl_loss (see reid/losses.py):
+    logits, ranking, the (N, B) product before its transposed copy, grad (= logits buffer) kept for backward,
+    two bool masks (same camera, grey zone) and a bool temporary."""
+    return batch * n * (3 * dtype_bytes + 3)
+
+
+def probe_memory(args, name):
+    """Runs in a fresh process: ru_maxrss growth (bytes) over one loss step, after the memory exists."""
+    n, n_cams = SIZES[name]
+    memory, memory_cams, memory_tracklets = make_memory(n, n_cams, args.dim, args.seed)
+    batch = make_batch(memory, memory_cams, memory_tracklets, args.batch, args.seed)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    loss_step(*batch, memory, memory_cams, memory_tracklets)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024  # Linux reports KiB
+
+
+def run_size(args, name):
+    n, n_cams = SIZES[name]
+    probe = subprocess.run([sys.executable, __file__, "--probe", name, "--dim", str(args.dim), "--batch",
+                            str(args.batch), "--seed", str(args.seed), "--threads", str(args.threads)],
+                           capture_output=True, text=True, check=True)
+    peak_extra = int(probe.stdout.strip().splitlines()[-1])
+
+    memory, memory_cams, memory_tracklets = make_memory(n, n_cams, args.dim, args.seed)
+    features, cams, tracklets, rows = make_batch(memory, memory_cams, memory_tracklets, args.batch, args.seed)
+    hard = memory[rows].clone()
+    grad_logits = torch.randn(args.batch, n)
+
+    floor_step(features, hard, grad_logits, memory)  # warm-up: thread pools, allocator, page faults
+    loss_step(features, cams, tracklets, rows, memory, memory_cams, memory_tracklets)
+    floors, steps = [], []
+    for _ in range(args.reps):  # interleaved, so load changes hit both alike
+        t0 = time.perf_counter()
+        floor_step(features, hard, grad_logits, memory)
+        floors.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        loss_step(features, cams, tracklets, rows, memory, memory_cams, memory_tracklets)
+        steps.append(time.perf_counter() - t0)
+    del grad_logits
+    naive_s, naive_loss = naive_time(features, cams, tracklets, memory, memory_cams, memory_tracklets,
+                                     args.naive_anchors)
+    fast_loss = float(ctacl_loss(features[:args.naive_anchors], cams[:args.naive_anchors],
+                                 tracklets[:args.naive_anchors], memory, memory_cams, memory_tracklets, **LOSS_KW))
+    ratios = [s / f for s, f in zip(steps, floors)]
+    return {
+        "name": name, "N": n, "cameras": n_cams, "B": args.batch, "D": args.dim,
+        "floor_s": statistics.median(floors), "loss_step_s": statistics.median(steps),
+        "ratio_to_floor": statistics.median(ratios), "ratios": ratios, "floors_s": floors, "steps_s": steps,
+        "naive_s": naive_s, "naive_anchors_timed": args.naive_anchors,
+        "naive_over_loss_step": naive_s / statistics.median(steps),
+        "naive_vs_fast_loss_rel_diff": abs(naive_loss - fast_loss) / abs(fast_loss),
+        "peak_extra_mb": peak_extra / 2**20, "estimated_extra_mb": estimate_extra_bytes(args.batch, n) / 2**20,
+        "memory_bank_mb": n * args.dim * 4 / 2**20, "n_squared_mb": n * n * 4 / 2**20,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="veri776,veriwild")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--naive-anchors", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "loss_step.json"))
+    parser.add_argument("--probe", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.probe:
+        print(probe_memory(args, args.probe))
+        return
+
+    results = []
+    for name in args.sizes.split(","):
+        if name not in SIZES:
+            parser.error(f"--sizes: unknown size {name!r}, expected some of {sorted(SIZES)}")
+        results.append(run_size(args, name))
+        r = results[-1]
+        print(f"[{name}] floor {r['floor_s']:.2f}s  step {r['loss_step_s']:.2f}s  ratio {r['ratio_to_floor']:.2f}",
+              flush=True)
+
+    header = (f"{'memory':10s} {'N':>8s} {'cams':>5s} {'floor s':>8s} {'step s':>8s} {'step/floor':>10s} "
+              f"{'naive s':>8s} {'naive/step':>10s} {'peak extra MB':>14s} {'est. MB':>8s}")
+    print(f"\nB={args.batch} D={args.dim} threads={args.threads} reps={args.reps} (medians; torch {torch.__version__})")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{r['name']:10s} {r['N']:8d} {r['cameras']:5d} {r['floor_s']:8.2f} {r['loss_step_s']:8.2f} "
+              f"{r['ratio_to_floor']:10.2f} {r['naive_s']:8.1f} {r['naive_over_loss_step']:10.1f} "
+              f"{r['peak_extra_mb']:14.0f} {r['estimated_extra_mb']:8.0f}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump({"benchmark": "loss_step", "torch": torch.__version__, "threads": args.threads,
+                   "loss": LOSS_KW, "load_average_at_end": os.getloadavg(), "results": results}, fh, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
