@@ -10,7 +10,7 @@ rank(k-th positive) = k + (number of negatives ranked above it). Per query chunk
 similarities once, sort only each query's few positive similarities, and `searchsorted` every gallery
 similarity into them; a histogram of those bucket ids, summed from the top, gives the number of
 negatives above every positive. Cost per chunk: one matrix product + one O(G·log P) pass, no
-O(G·log G) sort and never an (Q, G) matrix.
+O(G·log G) sort, and never the whole (Q, G) matrix at once.
 
 Ties (a negative with exactly the similarity of a positive) rank the negative *first*. This is the
 pessimistic rule: it never inflates a score, and unlike "break ties by gallery index" the result does
