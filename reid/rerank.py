@@ -12,7 +12,9 @@ Per sample p of the joint set (queries ∪ gallery), with d the original distanc
   d_J(p, g) = 1 − Σ_x min(V_p[x], V_g[x]) / Σ_x max(V_p[x], V_g[x])          (Jaccard, Eq. 10)
   d*(p, g)  = (1 − λ) d_J(p, g) + λ d(p, g)                                  (final, Eq. 12)
 d is the squared Euclidean distance between L2-normalised rows (= 2 − 2·cos), the paper's
-Mahalanobis distance with an identity metric.
+Mahalanobis distance with an identity metric. Neighbour lists come from `torch.topk`, so exactly
+equal distances at the k-th place (duplicate images) are broken in topk's order.
+Time on 2 shared CPU cores (D = 256, defaults): 200 × 2,000 about 1 s, 1,000 × 5,000 about 13 s.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ MAX_SAMPLES = 20_000  # dense N×N: 20k samples is already 1.6 GB per float32 ma
 
 
 def _neighbour_mask(order: torch.Tensor, k: int) -> torch.Tensor:
-    """order (N, N) argsort of distances → (N, N) bool, row p marks N(p, k) (k + 1 entries, p included)."""
+    """order (N, ≥ k + 1) nearest first → (N, N) bool, row p marks N(p, k) (k + 1 entries, p included)."""
     n = order.shape[0]
     mask = torch.zeros(n, n, dtype=torch.bool, device=order.device)
     mask.scatter_(1, order[:, : k + 1], True)
@@ -33,13 +35,26 @@ def _neighbour_mask(order: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _expanded_reciprocal(order: torch.Tensor, k1: int) -> torch.Tensor:
+    """→ (N, N) bool, row p marks R*(p, k1). Sparse bookkeeping: every set has ≤ k1 + 1 members, so the
+    overlap test runs over (N, k1 + 1, k1/2 + 1) index lists, never an N³ product."""
+    n = order.shape[0]
     near = _neighbour_mask(order, k1)
-    reciprocal = near & near.T                                     # R(p, k1)
-    half_near = _neighbour_mask(order, max(1, round(k1 / 2)))
-    half = (half_near & half_near.T).float()                       # R(x, k1/2)
-    overlap = reciprocal.float() @ half.T                          # [p, x] = |R(p,k1) ∩ R(x,k1/2)|
-    accepted = reciprocal & (overlap >= (2.0 / 3.0) * half.sum(1)[None, :])
-    return reciprocal | ((accepted.float() @ half) > 0)            # R*(p, k1)
+    reciprocal = near & near.T                                      # R(p, k1)
+    kh = max(1, round(k1 / 2))
+    half_knn = order[:, : kh + 1]                                   # (N, kh + 1)
+    half_near = _neighbour_mask(order, kh)
+    half_member = (half_near & half_near.T).gather(1, half_knn)     # which of N(x, kh) are in R(x, kh)
+    knn = order[:, : k1 + 1]                                        # candidates x of row p
+    in_r = reciprocal.gather(1, knn)                                # x ∈ R(p, k1)
+    cand_half = half_knn[knn]                                       # (N, k1 + 1, kh + 1): N(x, kh)
+    cand_member = half_member[knn]                                  # ... ∩ R(x, kh)
+    overlap = (reciprocal.gather(1, cand_half.reshape(n, -1)).reshape(cand_half.shape) & cand_member).sum(-1)
+    accepted = in_r & (overlap >= (2.0 / 3.0) * cand_member.sum(-1))
+    expanded = reciprocal.clone()
+    add = accepted[:, :, None] & cand_member
+    rows = torch.arange(n, device=order.device)[:, None, None].expand_as(cand_half)
+    expanded[rows[add], cand_half[add]] = True                      # R*(p) = R(p) ∪ accepted R(x, kh)
+    return expanded
 
 
 def rerank(q, g, k1: int = 20, k2: int = 6, lambda_: float = 0.3, *, chunk_size: int | None = None) -> torch.Tensor:
@@ -64,11 +79,15 @@ def rerank(q, g, k1: int = 20, k2: int = 6, lambda_: float = 0.3, *, chunk_size:
     x = F.normalize(torch.cat([q, g]), dim=1)
     dist = (2.0 - 2.0 * (x @ x.T)).clamp_(min=0.0)
     dist.fill_diagonal_(0.0)  # p is its own nearest neighbour even with rounding
-    order = torch.argsort(dist, dim=1, stable=True)
     k1 = min(k1, n - 1)
+    # Only the nearest max(k1, k2 - 1) + 1 of each row are ever read: a partial sort, not an N×N argsort.
+    order = torch.topk(dist, max(k1, k2 - 1) + 1, dim=1, largest=False, sorted=True).indices
     weights = torch.where(_expanded_reciprocal(order, k1), torch.exp(-dist), torch.zeros((), device=device))
-    if k2 > 1:
-        weights = weights[order[:, :k2]].mean(1)                   # local query expansion
+    if k2 > 1:  # local query expansion: mean of the k2 nearest rows, accumulated to stay O(N²) in memory
+        expanded = weights[order[:, 0]].clone()
+        for j in range(1, k2):
+            expanded += weights[order[:, j]]
+        weights = expanded / k2
     vq, vg = weights[: len(q)], weights[len(q):]
     # V rows are sparse (|R*| plus expansion, not N): Σ_x min(V_p[x], V_g[x]) only runs over the
     # support of V_p, taken as its top-S entries (zeros in the padding add nothing).
