@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from reid.data.images import eval_transform
-from reid.evaluation import evaluate, rank1_same_vs_cross_camera
+from reid.evaluation import evaluate, rank1_same_vs_cross_camera, top_matches
 from reid.features import extract_features
 from reid.visualize import save_retrieval_grid
 
@@ -55,6 +55,17 @@ def mined_positive_precision(train_pids: np.ndarray, rows: np.ndarray, hard_ids,
     return out
 
 
+def _finite(value):
+    """NaN (e.g. a diagnostic with no qualifying query) → null, so metrics.json stays valid JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def format_table(metrics: dict) -> str:
     lines = [f"{'model':<18} {'mAP':>6} {'R1':>6} {'R5':>6} {'R10':>6}"]
     for key, label in TABLE_ROWS:
@@ -70,7 +81,7 @@ def write_report(model, dataset, cfg, metrics: dict, device, features: dict | No
     out = cfg.output_dir
     print("\n" + format_table(metrics), flush=True)
     with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+        json.dump(_finite(metrics), f, indent=2)
     from reid.config import config_to_dict
 
     torch.save({"model": model.state_dict(), "config": config_to_dict(cfg), "metrics": metrics},
@@ -80,8 +91,8 @@ def write_report(model, dataset, cfg, metrics: dict, device, features: dict | No
         evaluate_model(model, dataset, cfg, device, features)
     q, g = dataset.query, dataset.gallery
     picked = np.linspace(0, len(q) - 1, num=min(cfg.eval.picture_queries, len(q))).astype(int)
-    sims = features["query"][picked] @ features["gallery"].T
-    order = torch.argsort(sims, dim=1, descending=True)[:, :64].cpu().numpy()
+    order = top_matches(features["query"][picked], features["gallery"], q.pids[picked], g.pids, q.cams[picked],
+                        g.cams, k=10).cpu().numpy()
     path = os.path.join(out, "retrieval.png")
     save_retrieval_grid(path, [q.paths[i] for i in picked], g.paths, order, q.pids[picked], g.pids,
                         q.cams[picked], g.cams)
