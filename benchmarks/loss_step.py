@@ -61,9 +61,15 @@ def loss_step(features, cams, tracklets, rows, memory, memory_cams, memory_track
 
 
 def floor_step(features, hard, grad_logits, memory):
-    """The three (B, N, D) products, nothing else."""
+    """The three (B, N, D) products the issue names as the floor, nothing else."""
     memory @ features.T
     memory @ hard.T
+    grad_logits @ memory
+
+
+def fused_floor_step(features, hard, grad_logits, memory):
+    """The products as the loss really runs them: s and r from one (N, D)·(D, 2B) product, then backward."""
+    memory @ torch.cat([features, hard]).T
     grad_logits @ memory
 
 
@@ -101,10 +107,10 @@ def naive_time(features, cams, tracklets, memory, memory_cams, memory_tracklets,
 
 
 def estimate_extra_bytes(batch, n, dtype_bytes=4):
-    """Largest set of (B, N) buffers alive at once inside ctacl_loss (see reid/losses.py):
-    logits, ranking, the (N, B) product before its transposed copy, grad (= logits buffer) kept for backward,
-    two bool masks (same camera, grey zone) and a bool temporary."""
-    return batch * n * (3 * dtype_bytes + 3)
+    """Largest set of (B, N) buffers alive at once inside ctacl_loss (see reid/losses.py): logits s (reused
+    as dL/ds and kept for backward), ranking r, two bool masks (same camera, grey zone) and a bool temporary.
+    The transposed product is made in chunks of 4M elements, so it adds no (B, N) term."""
+    return batch * n * (2 * dtype_bytes + 3)
 
 
 def probe_memory(args, name):
@@ -130,15 +136,22 @@ def run_size(args, name):
     grad_logits = torch.randn(args.batch, n)
 
     floor_step(features, hard, grad_logits, memory)  # warm-up: thread pools, allocator, page faults
+    fused_floor_step(features, hard, grad_logits, memory)
     loss_step(features, cams, tracklets, rows, memory, memory_cams, memory_tracklets)
-    floors, steps = [], []
-    for _ in range(args.reps):  # interleaved, so load changes hit both alike
+    floors, fused, steps, centroid = [], [], [], []
+    for _ in range(args.reps):  # interleaved, so load changes hit all alike
         t0 = time.perf_counter()
         floor_step(features, hard, grad_logits, memory)
         floors.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
+        fused_floor_step(features, hard, grad_logits, memory)
+        fused.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
         loss_step(features, cams, tracklets, rows, memory, memory_cams, memory_tracklets)
         steps.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        camera_centroids(memory, memory_cams)  # part of the step; a memory bank could keep it up to date
+        centroid.append(time.perf_counter() - t0)
     del grad_logits
     naive_s, naive_loss = naive_time(features, cams, tracklets, memory, memory_cams, memory_tracklets,
                                      args.naive_anchors)
@@ -149,6 +162,9 @@ def run_size(args, name):
         "name": name, "N": n, "cameras": n_cams, "B": args.batch, "D": args.dim,
         "floor_s": statistics.median(floors), "loss_step_s": statistics.median(steps),
         "ratio_to_floor": statistics.median(ratios), "ratios": ratios, "floors_s": floors, "steps_s": steps,
+        "fused_floor_s": statistics.median(fused),
+        "ratio_to_fused_floor": statistics.median([s / f for s, f in zip(steps, fused)]), "fused_floors_s": fused,
+        "centroids_s": statistics.median(centroid),
         "naive_s": naive_s, "naive_anchors_timed": args.naive_anchors,
         "naive_over_loss_step": naive_s / statistics.median(steps),
         "naive_vs_fast_loss_rel_diff": abs(naive_loss - fast_loss) / abs(fast_loss),
@@ -183,14 +199,16 @@ def main(argv=None):
         print(f"[{name}] floor {r['floor_s']:.2f}s  step {r['loss_step_s']:.2f}s  ratio {r['ratio_to_floor']:.2f}",
               flush=True)
 
-    header = (f"{'memory':10s} {'N':>8s} {'cams':>5s} {'floor s':>8s} {'step s':>8s} {'step/floor':>10s} "
-              f"{'naive s':>8s} {'naive/step':>10s} {'peak extra MB':>14s} {'est. MB':>8s}")
+    header = (f"{'memory':10s} {'N':>8s} {'cams':>5s} {'floor s':>8s} {'fused s':>8s} {'step s':>8s} "
+              f"{'step/floor':>10s} {'step/fused':>10s} {'centroids s':>11s} {'naive s':>8s} {'naive/step':>10s} "
+              f"{'peak extra MB':>14s} {'est. MB':>8s}")
     print(f"\nB={args.batch} D={args.dim} threads={args.threads} reps={args.reps} (medians; torch {torch.__version__})")
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r['name']:10s} {r['N']:8d} {r['cameras']:5d} {r['floor_s']:8.2f} {r['loss_step_s']:8.2f} "
-              f"{r['ratio_to_floor']:10.2f} {r['naive_s']:8.1f} {r['naive_over_loss_step']:10.1f} "
+        print(f"{r['name']:10s} {r['N']:8d} {r['cameras']:5d} {r['floor_s']:8.2f} {r['fused_floor_s']:8.2f} "
+              f"{r['loss_step_s']:8.2f} {r['ratio_to_floor']:10.2f} {r['ratio_to_fused_floor']:10.2f} "
+              f"{r['centroids_s']:11.2f} {r['naive_s']:8.1f} {r['naive_over_loss_step']:10.1f} "
               f"{r['peak_extra_mb']:14.0f} {r['estimated_extra_mb']:8.0f}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:

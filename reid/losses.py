@@ -153,15 +153,23 @@ class _ThroughLogits(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------- the loss
 
 
-def _scores(x, memory):
-    """``x·Mᵀ`` as a contiguous (B, N) tensor, at least float32. x: (B, D); memory: (N, D).
+def _scores(memory, *xs, chunk_elements=1 << 22):
+    """``x·Mᵀ`` for each x (R_k, D) as contiguous (R_k, N) tensors (at least float32), from one product.
 
-    Computed as ``(M·xᵀ)ᵀ``: on CPU (MKL) the (N, D)·(D, B) product plus a transposed copy is ~1.5x
-    faster than (B, D)·(D, N) with a transposed operand (measured in benchmarks/loss_step.py).
+    memory: (N, D). One product with the stacked xs reads the N×D memory once. It is computed as
+    ``(M·xᵀ)ᵀ`` over chunks of memory rows: on CPU (MKL) the (n, D)·(D, R) product plus a transposed
+    copy is ~1.5x faster than (R, D)·(D, N) with a transposed operand, and chunks keep the transposed
+    temporary small (measured in benchmarks/loss_step.py).
     """
-    product = memory @ x.T
-    dtype = torch.float32 if product.dtype in (torch.float16, torch.bfloat16) else product.dtype
-    return torch.empty(product.shape[::-1], dtype=dtype, device=product.device).copy_(product.T)
+    x = torch.cat(xs) if len(xs) > 1 else xs[0]
+    dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    outs = [torch.empty(part.shape[0], memory.shape[0], dtype=dtype, device=x.device) for part in xs]
+    step = max(1, chunk_elements // max(1, x.shape[0]))
+    for start in range(0, memory.shape[0], step):
+        block = (memory[start:start + step] @ x.T).T
+        for out, part in zip(outs, block.split([o.shape[0] for o in outs])):
+            out[:, start:start + step].copy_(part)
+    return outs
 
 
 def _check(features, cams, tracklets, memory, memory_cams, memory_tracklets, temperature, ks, grey_zone):
@@ -212,14 +220,23 @@ def _ctacl(features, cams, tracklets, memory, memory_cams, memory_tracklets, *, 
         n_other = n - n_same
 
         # s = f·Mᵀ/τ, computed in the memory's precision (a bf16 memory bank stays bf16 in the product).
-        logits = _scores(features.detach().to(memory.dtype) * (1.0 / temperature), memory)
+        scaled = features.detach().to(memory.dtype) * (1.0 / temperature)
+        if warmup:
+            (logits,) = _scores(memory, scaled)  # s = f·Mᵀ/τ, (B, N)
+        else:
+            # h_i needs s only on the few rows of P_i, so pick it first and get s and r = h·Mᵀ from one
+            # product with M: (2B, D)·(D, N) reads the N×D memory once instead of twice.
+            pair_logits = (scaled[anchor_index] * memory[row_index]).sum(1)
+            hard_rows = hardest_positive_rows(pair_logits, anchor_index, row_index, b)
+            logits, ranking = _scores(memory, scaled, memory[hard_rows])  # (B, N) each
         pos_logits = logits[anchor_index, row_index]
         pos_sum = logits.new_zeros(b).index_add_(0, anchor_index, pos_logits)
         if warmup:
             terms = _intra_terms(logits, cams, memory_cams, anchor_index, row_index, n_pos, pos_sum)
         else:
-            terms = _full_terms(logits, cams, memory_cams, memory, anchor_index, row_index, n_pos, n_other,
-                                pos_logits, pos_sum, hard_k, easy_k, grey_zone, with_parts)
+            terms = _full_terms(logits, ranking, cams, memory_cams, anchor_index, row_index, n_pos, n_other,
+                                pos_sum, hard_k, easy_k, grey_zone, with_parts)
+            del ranking
         value, grad_logits = terms["per_anchor"].mean(), terms["grad_logits"]
 
     loss = _ThroughLogits.apply(features, value.to(features.dtype), grad_logits, memory, 1.0 / temperature)
@@ -264,15 +281,16 @@ def _intra_terms(logits, cams, memory_cams, anchor_index, row_index, n_pos, pos_
     return {"per_anchor": per_anchor, "grad_logits": grad}
 
 
-def _full_terms(logits, cams, memory_cams, memory, anchor_index, row_index, n_pos, n_other, pos_logits,
-                pos_sum, hard_k, easy_k, grey_zone, with_parts):
-    """Full mode: ``L_cl(i)`` (multisets Π_i, Δ_i of DESIGN §3) and its dL/ds (B, N). Consumes logits."""
+def _full_terms(logits, ranking, cams, memory_cams, anchor_index, row_index, n_pos, n_other, pos_sum, hard_k,
+                easy_k, grey_zone, with_parts):
+    """Full mode: ``L_cl(i)`` (multisets Π_i, Δ_i of DESIGN §3) and its dL/ds (B, N).
+
+    logits: s (B, N); ranking: r = h·Mᵀ (B, N). Both buffers are consumed (overwritten).
+    """
     b, n = logits.shape
     same_cam = cams[:, None] == memory_cams[None, :]  # A_i, (B, N) bool
 
-    # r = h·Mᵀ over O_i; one sorted top-k serves both H_i (first hard_k) and the grey-zone cut.
-    hard_rows = hardest_positive_rows(pos_logits, anchor_index, row_index, b)
-    ranking = _scores(memory[hard_rows], memory)
+    # r over O_i; one sorted top-k serves both H_i (first hard_k) and the grey-zone cut.
     ranking.masked_fill_(same_cam, -math.inf)
     n_grey = grey_zone_sizes(n_other, grey_zone)
     depth = min(max(hard_k, int(n_grey.max())), n)
