@@ -256,6 +256,16 @@ def test_float32_loss_is_close_to_float64():
     assert float(ctacl_loss(**single)) == pytest.approx(float(ctacl_loss(**problem)), rel=1e-5)
 
 
+def test_bfloat16_memory_bank_is_accepted_and_gives_a_float32_loss():
+    problem = {k: (v.float() if v.is_floating_point() else v) for k, v in make_problem(16).items()}
+    single = ctacl_loss(**problem)
+    features = problem["features"].clone().requires_grad_(True)
+    half = ctacl_loss(**dict(problem, features=features, memory=problem["memory"].bfloat16()))
+    half.backward()
+    assert half.dtype == torch.float32 and features.grad.dtype == torch.float32
+    assert float(half.detach()) == pytest.approx(float(single), rel=2e-2)
+
+
 def test_helpers_grey_zone_size_and_multiset_denominator():
     assert grey_zone_sizes(torch.tensor([100, 99, 0, 277797]), 0.29).tolist() == [29, 28, 0, 80561]
     twice = log_denominator(torch.tensor([0.0]), torch.tensor([[1.0, 1.0, -math.inf]]))
