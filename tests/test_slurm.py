@@ -53,6 +53,12 @@ def job_state(job_id: str) -> str:
     return lines[-1] if lines else ""
 
 
+def final_state(job_id: str, timeout_s: float = 240) -> str:
+    """Wait until the job leaves the queue for good (a requeued one passes through REQUEUED and PENDING)."""
+    return wait_until(lambda: job_state(job_id) if job_state(job_id) in TERMINAL else "", timeout_s,
+                      f"job {job_id} to end")
+
+
 def requeue_count(job_id: str) -> int:
     """Earlier runs of a requeued job stay in accounting as REQUEUED records."""
     out = subprocess.run(["sacct", "-X", "-n", "-P", "--duplicates", "-j", job_id, "-o", "State"],
@@ -114,7 +120,7 @@ def reference(workdir, cluster):
             "--time", "20", "--partition", cluster, "--job-name", "reid-test", "--wait",
             "--log-folder", str(workdir / "logs-reference"), *overrides(workdir, "reference")]
     assert main(argv) == 0
-    (job_folder,) = (workdir / "logs-reference").iterdir()
+    (job_folder,) = [p for p in (workdir / "logs-reference").iterdir() if p.is_dir() and not p.is_symlink()]
     return job_folder
 
 
@@ -133,8 +139,8 @@ class TestSubmititLauncher:
         assert [e["epoch"] for e in results[0]["epochs"]] == [0, 1, 2]
         written_metrics = json.loads((workdir / "reference" / "metrics.json").read_text())
         assert quality(written_metrics) == pytest.approx(quality(results[0]))
-        rank0 = (reference / f"{job_id}_0_log.out").read_text()
-        rank1 = (reference / f"{job_id}_1_log.out").read_text()
+        rank0 = (reference / f"{job_id}_0_log.out").read_text(errors="replace")
+        rank1 = (reference / f"{job_id}_1_log.out").read_text(errors="replace")
         assert "2 rank(s)" in rank0 and "mAP" in rank0
         assert "global_rank=0(2)" in rank0 and "global_rank=1(2)" in rank1
         for log in (rank0, rank1):
@@ -143,7 +149,7 @@ class TestSubmititLauncher:
         written = (reference / "config.yaml").read_text()
         assert f"output_dir: {workdir / 'reference'}" in written and "epochs: 3" in written
         assert "submit" in (reference / "command.txt").read_text()
-        assert job_state(job_id) == "COMPLETED"
+        assert final_state(job_id) == "COMPLETED"
 
     def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint_with_the_same_final_metrics(
             self, reference, workdir, cluster):
@@ -160,10 +166,10 @@ class TestSubmititLauncher:
         job._interrupt()  # SIGTERM then USR2 to every task, as a pre-empting cluster does
         results = job.results()
 
-        log = Path(job.paths.stdout).read_text()  # rank 0: both runs appended to one file
+        log = Path(job.paths.stdout).read_text(errors="replace")  # rank 0: both runs appended to one file
         assert "Calling checkpoint method" in log and f"Requeued job {job.job_id}" in log
         assert resumed_epoch(log) >= 1  # not from scratch
-        assert requeue_count(job.job_id) >= 1 and job_state(job.job_id) == "COMPLETED"
+        assert final_state(job.job_id) == "COMPLETED" and requeue_count(job.job_id) >= 1
         reference_metrics = json.loads((workdir / "reference" / "metrics.json").read_text())
         assert quality(results[0]) == pytest.approx(quality(reference_metrics), rel=1e-5, abs=1e-6)
 
@@ -188,9 +194,9 @@ class TestSbatchTemplate:
         assert job_state(job_id) not in TERMINAL, "the job ended before it could be signalled"
         # What --signal=B:USR2@90 does before the time limit: USR2 to the batch shell only.
         subprocess.run(["scancel", "--batch", "--signal=USR2", job_id], check=True)
-        state = wait_until(lambda: job_state(job_id) if job_state(job_id) in TERMINAL else "", 240, "the job to end")
+        state = final_state(job_id)
 
-        text = Path(str(log).replace("%j", job_id)).read_text()
+        text = Path(str(log).replace("%j", job_id)).read_text(errors="replace")  # both tasks share it
         assert state == "COMPLETED", text[-2000:]
         assert "caught USR2" in text and "(restart 1)" in text
         assert resumed_epoch(text) >= 1
