@@ -67,9 +67,12 @@ def floor_step(features, hard, grad_logits, memory):
     grad_logits @ memory
 
 
-def fused_floor_step(features, hard, grad_logits, memory):
-    """The products as the loss really runs them: s and r from one (N, D)·(D, 2B) product, then backward."""
-    memory @ torch.cat([features, hard]).T
+def fused_floor_step(features, hard, grad_logits, memory, chunk_rows=16384):
+    """The products as the loss really runs them, bare: s and r from one (N, D)·(D, 2B) product taken in
+    chunks of memory rows (as ``reid.losses._scores`` does, minus its transposed copy), then backward."""
+    both = torch.cat([features, hard]).T
+    for start in range(0, memory.shape[0], chunk_rows):
+        memory[start:start + chunk_rows] @ both
     grad_logits @ memory
 
 
@@ -178,7 +181,7 @@ def main(argv=None):
     parser.add_argument("--sizes", default="veri776,veriwild")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--dim", type=int, default=2048)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--naive-anchors", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
