@@ -3,13 +3,17 @@
 A step = ``ctacl_loss`` forward + backward + memory update ``m_idx ← normalize(½·m_idx + ½·f)``, at B=128,
 D=2048, on random normalised memories shaped like VeRi-776 (N=37,778, 20 cameras) and VeRi-Wild
 (N=277,797, 174 cameras), tracklets of 5-10 rows. Compared with, in the same run:
-  floor  the bare products the loss cannot avoid: s = f·Mᵀ and r = h·Mᵀ forward, dL/ds·M backward
-         (each in its fastest form on this CPU, see ``reid.losses._scores``);
-  naive  a per-anchor loop (torch ops over N per anchor, autograd) timed on a few anchors and scaled to B.
-Floor and step alternate in every repetition, so the ratio stays meaningful on a shared, loaded machine.
+  floor        the bare products the issue names: s = f·Mᵀ, r = h·Mᵀ forward and dL/ds·M backward, each
+               one call in its fastest form on this CPU ((N, D)·(D, B), see ``reid.losses._scores``);
+  fused floor  the bare products as the loss runs them: s and r from one (N, D)·(D, 2B) product taken in
+               chunks of memory rows, then dL/ds·M; the tighter bound;
+  naive        a per-anchor loop (torch ops over N per anchor, autograd) timed on a few anchors and scaled
+               to B, checked against the vectorised loss on those anchors.
+Floors and step alternate in every repetition, so ratios stay meaningful on a shared, loaded machine.
+Also timed: the camera-centroid pass (inside the step) and ways to find the per-anchor grey-zone cut.
 Peak extra memory is measured in a fresh subprocess as the ru_maxrss growth over one step.
 
-    python benchmarks/loss_step.py [--sizes veri776,veriwild] [--reps 3] [--out benchmarks/results/loss_step.json]
+    python benchmarks/loss_step.py [--sizes veri776,veriwild] [--reps 5] [--out benchmarks/results/loss_step.json]
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from reid.losses import camera_alignment_loss, camera_centroids, ctacl_loss
+from reid.losses import (camera_alignment_loss, camera_centroids, ctacl_loss, grey_zone_sizes,
+                         grey_zone_thresholds)
 
 SIZES = {"veri776": (37_778, 20), "veriwild": (277_797, 174)}
 LOSS_KW = {"temperature": 0.07, "topk": 5, "grey_zone": 0.01, "cam_weight": 0.2}
@@ -109,6 +114,60 @@ def naive_time(features, cams, tracklets, memory, memory_cams, memory_tracklets,
     return t_shared + t_loop * features.shape[0] / anchors, float(torch.stack(losses).mean().detach())
 
 
+def grey_zone_cut_alternatives(memory, memory_cams, features, cams, grey_zone, reps):
+    """Times ways to find each anchor's grey-zone cut (the ⌊ρ|O_i|⌋-th largest r over O_i; the count differs
+    per anchor). All must give the same thresholds; returns {name: median seconds}."""
+    ranking = (memory @ features.T).T.contiguous()
+    ranking.masked_fill_(cams[:, None] == memory_cams[None, :], -math.inf)
+    sizes = grey_zone_sizes(ranking.isfinite().sum(1), grey_zone)
+    depth = int(sizes.max())
+
+    def topk_sorted():  # what reid.losses does (the same top-k also yields H_i)
+        return grey_zone_thresholds(ranking.topk(depth, dim=1, sorted=True).values, sizes)
+
+    def topk_unsorted_then_small_sort():
+        values = ranking.topk(depth, dim=1, sorted=False).values
+        return grey_zone_thresholds(values.sort(dim=1, descending=True).values, sizes)
+
+    def full_sort():
+        return grey_zone_thresholds(ranking.sort(dim=1, descending=True).values, sizes)
+
+    def kthvalue_per_distinct_count():  # kthvalue takes one k, so group anchors by their cut
+        out = torch.full(sizes.shape, math.inf)
+        for size in sizes.unique().tolist():
+            if size > 0:
+                rows = torch.nonzero(sizes == size).squeeze(1)
+                out[rows] = torch.kthvalue(-ranking[rows], size, dim=1).values.neg()
+        return out
+
+    expected = topk_sorted()
+    times = {}
+    for fn in (topk_sorted, topk_unsorted_then_small_sort, kthvalue_per_distinct_count, full_sort):
+        runs = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            got = fn()
+            runs.append(time.perf_counter() - t0)
+        assert torch.equal(got, expected), fn.__name__
+        times[fn.__name__] = statistics.median(runs)
+    return times
+
+
+def product_layouts(memory, features, reps):
+    """Why ``reid.losses._scores`` computes (M·fᵀ)ᵀ: times s = f·Mᵀ in both layouts (median seconds)."""
+    layouts = {"f @ M.T": lambda: features @ memory.T,
+               "(M @ f.T).T copied to (B, N)": lambda: (memory @ features.T).T.contiguous()}
+    times = {}
+    for name, fn in layouts.items():
+        runs = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            runs.append(time.perf_counter() - t0)
+        times[name] = statistics.median(runs)
+    return times
+
+
 def estimate_extra_bytes(batch, n, dtype_bytes=4):
     """Largest set of (B, N) buffers alive at once inside ctacl_loss (see reid/losses.py): logits s (reused
     as dL/ds and kept for backward), ranking r, two bool masks (same camera, grey zone) and a bool temporary.
@@ -161,13 +220,15 @@ def run_size(args, name):
     fast_loss = float(ctacl_loss(features[:args.naive_anchors], cams[:args.naive_anchors],
                                  tracklets[:args.naive_anchors], memory, memory_cams, memory_tracklets, **LOSS_KW))
     ratios = [s / f for s, f in zip(steps, floors)]
+    layouts = product_layouts(memory, features, max(1, args.reps // 2))
+    cut = grey_zone_cut_alternatives(memory, memory_cams, features, cams, LOSS_KW["grey_zone"], max(1, args.reps // 2))
     return {
         "name": name, "N": n, "cameras": n_cams, "B": args.batch, "D": args.dim,
         "floor_s": statistics.median(floors), "loss_step_s": statistics.median(steps),
         "ratio_to_floor": statistics.median(ratios), "ratios": ratios, "floors_s": floors, "steps_s": steps,
         "fused_floor_s": statistics.median(fused),
         "ratio_to_fused_floor": statistics.median([s / f for s, f in zip(steps, fused)]), "fused_floors_s": fused,
-        "centroids_s": statistics.median(centroid),
+        "centroids_s": statistics.median(centroid), "grey_zone_cut_s": cut, "product_layouts_s": layouts,
         "naive_s": naive_s, "naive_anchors_timed": args.naive_anchors,
         "naive_over_loss_step": naive_s / statistics.median(steps),
         "naive_vs_fast_loss_rel_diff": abs(naive_loss - fast_loss) / abs(fast_loss),
@@ -213,6 +274,12 @@ def main(argv=None):
               f"{r['loss_step_s']:8.2f} {r['ratio_to_floor']:10.2f} {r['ratio_to_fused_floor']:10.2f} "
               f"{r['centroids_s']:11.2f} {r['naive_s']:8.1f} {r['naive_over_loss_step']:10.1f} "
               f"{r['peak_extra_mb']:14.0f} {r['estimated_extra_mb']:8.0f}")
+    print("\ns = f·Mᵀ layouts (seconds):")
+    for r in results:
+        print(f"{r['name']:10s} " + "  ".join(f"{k}: {v:.3f}" for k, v in r["product_layouts_s"].items()))
+    print("\ngrey-zone cut alternatives (seconds, same thresholds):")
+    for r in results:
+        print(f"{r['name']:10s} " + "  ".join(f"{k} {v:.3f}" for k, v in r["grey_zone_cut_s"].items()))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump({"benchmark": "loss_step", "torch": torch.__version__, "threads": args.threads,

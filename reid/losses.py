@@ -5,13 +5,15 @@ Notation (DESIGN §3): anchors ``f_i`` (B, D), memory rows ``m_j`` (N, D), logit
 lowest ``s``, ``O_i`` other-camera rows ranked by ``r_ij = h_i·m_j``, ``H_i``/``E_i`` top-K of ``O_i`` by
 ``r``/``s``, grey zone = top-⌊ρ|O_i|⌋ of ``O_i`` by ``r``, ``N_i`` = the rest of ``O_i``.
 
-How it is computed: one no-grad pass over the (B, N) logits yields the loss value *and* ``dL/ds``
-(B, N); a small autograd Function hands ``dL/ds · M / τ`` to ``features`` in backward. Autograd thus never
-stores (B, N) intermediates, and the cost is the two forward products (``s = f·Mᵀ``, ``r = h·Mᵀ``), the
-backward product (``dL/ds · M``), one top-k over ``r`` (hard positives and grey-zone cut together), one
-small top-k over ``s`` and a few elementwise passes. Extra memory: a handful of (B, N) buffers, never
-O(N²). The multisets of §3 become integer weights per (anchor, row): a row picked as both hard and easy
-positive weighs 2 in the numerator and, as it is also in ``N_i`` unless in the grey zone, up to 3 in the
+How it is computed: ``h_i`` needs ``s`` only on the few rows of ``P_i``, so it is picked first and
+``s`` and ``r`` come from one (2B, D)·(D, N) product (the memory is read once). One no-grad pass over
+them yields the loss value *and* ``dL/ds`` (B, N); a small autograd Function hands ``dL/ds · M / τ`` to
+``features`` in backward, so autograd never stores (B, N) intermediates. Beyond the products: one top-k
+over ``r`` (hard positives and grey-zone cut together), a top-K over ``s``, a few elementwise passes and
+one pass over the memory for the camera centroids: 1.1-1.2x the bare products at VeRi-776 and VeRi-Wild
+scale (benchmarks/loss_step.py). Extra memory: two float and three bool (B, N) buffers, never O(N²).
+The multisets of §3 become integer weights per (anchor, row): a row picked as both hard and easy
+positive weighs 2 in the numerator and, being also in ``N_i`` unless in the grey zone, up to 3 in the
 denominator ("an entry chosen twice counts twice").
 
 Camera term: ``L_cam(i) = KL(uniform ‖ softmax(f_i·Cᵀ))`` with **no temperature**, literally as DESIGN §3
