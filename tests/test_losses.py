@@ -232,6 +232,21 @@ def test_memory_is_read_only_and_gets_no_gradient():
     assert memory.grad is None and torch.equal(memory.detach(), before)
 
 
+def test_updating_the_memory_before_backward_is_refused_not_silently_wrong():
+    problem = make_problem(17)
+    features = problem["features"].clone().requires_grad_(True)
+    loss = ctacl_loss(**dict(problem, features=features))
+    problem["memory"][0] = 0.0  # the memory update belongs after backward (DESIGN §3)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_given_centroids_equal_centroids_from_memory():
+    problem = make_problem(18)
+    centroids = camera_centroids(problem["memory"], problem["memory_cams"])[1]
+    assert float(ctacl_loss(**problem, centroids=centroids)) == pytest.approx(float(ctacl_loss(**problem)), rel=1e-12)
+
+
 def test_parts_report_the_same_loss_and_the_mode_terms():
     problem = make_problem(12)
     full = ctacl_loss_parts(**problem, grey_zone=0.1)
