@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reid.data.synthetic import SynthConfig, ensure_synthetic, generate
+from reid.data.synthetic import SynthConfig, ensure_synthetic, generate, validate_synth
 from reid.data.synthetic_vehicle import sample_vehicle
 from reid.errors import ReidError
 
@@ -189,6 +189,13 @@ def test_each_camera_has_its_own_viewpoint_background_and_colour_cast():
     cams = [make_camera(np.random.default_rng([0, 2, c]), 32, 32, 1.0, 1.0) for c in range(1, 7)]
     assert len({tuple(np.round(c.gain, 3)) for c in cams}) == len(cams)
     assert len({c.background.tobytes() for c in cams}) == len(cams)
-    views = camera_views(SynthConfig(cameras=10))
+    views = camera_views(SynthConfig(cameras=10, views="side,front,rear"))
     assert set(views) == set(range(1, 11)) and set(views.values()) <= {"side", "front", "rear"}
-    assert len(set(views.values())) >= 2  # default cameras see vehicles from different sides
+    assert len(set(views.values())) >= 2  # cameras can see vehicles from different sides
+    cams = [make_camera(np.random.default_rng([0, 2, c]), 32, 32, 1.0, 1.0, ["side"]) for c in range(1, 11)]
+    assert {c.view for c in cams} == {"side"} and len({c.mirror for c in cams}) == 2  # default: mirrored side views
+
+
+def test_views_setting_is_validated():
+    with pytest.raises(ReidError, match="synth.views"):
+        validate_synth(SynthConfig(views="top"))

@@ -37,11 +37,12 @@ class Camera:
     background: np.ndarray     # (2H + 2*_SHAKE, 2W + 2*_SHAKE, 3) uint8, this camera's scene
 
 
-def make_camera(rng: np.random.Generator, height: int, width: int, blur: float, noise: float) -> Camera:
-    """Sample one camera installation for (height, width) output images."""
+def make_camera(rng: np.random.Generator, height: int, width: int, blur: float, noise: float,
+                views: list[str] = ("side", "side", "front", "rear")) -> Camera:
+    """Sample one camera installation for (height, width) output images, its viewpoint drawn from `views`."""
     cast = 1.0 + rng.uniform(-0.18, 0.18, 3)
     return Camera(
-        view=str(rng.choice(["side", "side", "front", "rear"])), mirror=bool(rng.random() < 0.5),
+        view=str(rng.choice(list(views))), mirror=bool(rng.random() < 0.5),
         shear=float(rng.uniform(-0.3, 0.3)), scale=float(rng.uniform(0.8, 1.05)),
         rotation=float(rng.uniform(-8, 8)), dy=float(rng.uniform(-0.06, 0.06)),
         gain=(rng.uniform(0.6, 1.25) * cast).astype(np.float32), gamma=float(rng.uniform(0.75, 1.35)),
