@@ -270,15 +270,19 @@ def test_checkpoint_requeues_the_same_training():
     assert again.function is not trainer
 
 
-def test_flags_become_sbatch_lines_with_requeue_and_the_preemption_signal(tmp_path):
+def test_flags_become_sbatch_lines_with_requeue_and_the_preemption_signal(tmp_path, monkeypatch):
     from launch.submit import build_parser, make_executor, options_from_args
+
+    (tmp_path / "srun").write_text("#!/bin/sh\n")  # submitit's executor only looks for srun; nothing runs
+    (tmp_path / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
 
     args = build_parser().parse_args(["--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task", "8", "--mem", "64",
                                       "--partition", "gpu", "--time", "600", "--account", "proj", "--qos", "high",
                                       "--constraint", "a100", "--job-name", "veriwild", "--signal-delay", "120"])
     opts = options_from_args(args)
     assert opts.num_tasks == 8  # one task per GPU
-    script = make_executor(opts, str(tmp_path))._make_submission_file_text("true", "uid")
+    script = make_executor(opts, str(tmp_path / "logs"))._make_submission_file_text("true", "uid")
     for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8", "--mem=65536M",
                  "--partition=gpu", "--time=600", "--account=proj", "--qos=high", "--constraint=a100",
                  "--job-name=veriwild", "--signal=USR2@120"):
