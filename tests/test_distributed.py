@@ -1,0 +1,160 @@
+"""Camera-sharded training equals one process (DESIGN §4, issue 5): gloo ranks on CPU, float64.
+
+The worlds are started once per module (R = 2 first, it saves the memory; then 1 and 4, which load it)
+and every test reads what the ranks wrote; see tests/dist_workers.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reid.losses import camera_centroids, ctacl_loss, ctacl_loss_parts
+from reid.sharded_loss import _order_keys, radix_select_keys
+from tests.dist_workers import LOSS_ARGS, MODES, problem, run_world
+
+WORLDS = (1, 2, 4)
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("worlds")
+    saved = str(root / "memory_saved_by_2")
+    out = {2: run_world(2, str(root / "r2"), save_to=saved)}
+    for world in (1, 4):
+        out[world] = run_world(world, str(root / f"r{world}"), load_from=saved)
+    return out
+
+
+def union(ranks, key):
+    return torch.cat([r[key] for r in ranks])
+
+
+def close(a, b, rel=1e-5):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float((a - b).abs().max()) <= rel * max(1e-12, float(b.abs().max()))
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("world", WORLDS)
+def test_sharded_loss_and_every_anchor_gradient_equal_the_single_process_loss(worlds, world, mode):
+    ranks = worlds[world]
+    memory, cams, tracklets, features = problem()
+    rows = union(ranks, "rows")
+    f = features[rows].clone().requires_grad_()
+    ref = ctacl_loss(f, cams[rows], tracklets[rows], memory, cams, tracklets, **{**LOSS_ARGS, **MODES[mode]})
+    ref.backward()
+    loss = sum(r[mode]["loss"] for r in ranks)
+    grad = torch.cat([r[mode]["grad"] for r in ranks])
+    assert close(loss, ref.detach()), (loss, float(ref))
+    assert close(grad, f.grad)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_mined_positives_and_logged_parts_are_those_of_the_union_batch(worlds, world):
+    ranks = worlds[world]
+    memory, cams, tracklets, features = problem()
+    rows = union(ranks, "rows")
+    ref = ctacl_loss_parts(features[rows], cams[rows], tracklets[rows], memory, cams, tracklets, **LOSS_ARGS)
+    got = {k: torch.cat([r["full"][k] for r in ranks]) for k in ("hard_ids", "easy_ids")}
+    assert torch.equal(got["hard_ids"], ref["hard_ids"])
+    assert torch.equal(got["easy_ids"], ref["easy_ids"])
+    for key in ("intra", "inter", "cam"):
+        assert all(abs(r["full"][key] - float(ref[key])) <= 1e-9 * abs(float(ref[key])) for r in ranks), key
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_one_ddp_sgd_step_gives_the_single_process_parameters(worlds, world):
+    memory, cams, tracklets, features = problem()
+    rows = union(worlds[world], "rows")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(features.shape[1], features.shape[1], bias=False).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    emb = F.normalize(model(features[rows]), dim=1)
+    ctacl_loss(emb, cams[rows], tracklets[rows], memory, cams, tracklets, **LOSS_ARGS).backward()
+    opt.step()
+    for r in worlds[world]:
+        assert close(r["ddp_weight"], model.weight.detach())
+
+
+def updated_memory(ranks):
+    """The single-process memory after ``m ← normalize(½m + ½f)`` with the union batch's embeddings."""
+    memory, cams, tracklets, features = problem()
+    rows = union(ranks, "rows")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(features.shape[1], features.shape[1], bias=False).double()
+    emb = F.normalize(model(features[rows]), dim=1).detach()
+    memory = memory.clone()
+    memory[rows] = F.normalize(0.5 * memory[rows] + 0.5 * emb, dim=1)
+    return memory, cams
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_memory_update_and_camera_centroids_equal_the_single_process_ones(worlds, world):
+    ranks = worlds[world]
+    memory, cams = updated_memory(ranks)
+    for r in ranks:
+        assert close(r["bank_rows"], memory[r["bank_ids"]], rel=1e-12)
+    camera_ids, ref = camera_centroids(memory, cams)
+    for r in ranks:
+        assert torch.equal(torch.nonzero(r["present"]).flatten(), camera_ids)  # camera 6 has no rows: skipped
+        assert close(r["centroids"][r["present"]], ref, rel=1e-12)
+
+
+def test_each_rank_holds_only_its_cameras_rows(worlds):
+    memory, cams, _, _ = problem()
+    for world in WORLDS:
+        held = [set(r["bank_ids"].tolist()) for r in worlds[world]]
+        assert sum(len(h) for h in held) == memory.shape[0] and len(set().union(*held)) == memory.shape[0]
+        for h in held:
+            rank_cams = set(cams[list(h)].tolist())
+            others = set().union(*(set(cams[list(o)].tolist()) for o in held if o is not h))
+            assert not rank_cams & others
+
+
+@pytest.mark.parametrize("world", (1, 4))
+def test_memory_saved_with_2_ranks_loads_identically_with_another_world_size(worlds, world):
+    saved = torch.zeros(problem()[0].shape, dtype=torch.float64)
+    for r in worlds[2]:  # exactly what the 2 ranks held when they saved
+        saved[r["bank_ids"]] = r["bank_rows"]
+    for r in worlds[world]:
+        assert torch.equal(r["loaded_rows"], saved[r["loaded_ids"]])
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_bytes_communicated_per_step_do_not_grow_with_the_memory(worlds, world):
+    for r in worlds[world]:
+        small, large = sorted(r["comm_bytes"])
+        assert r["comm_bytes"][small] == r["comm_bytes"][large]
+        if world == 1:
+            assert r["comm_bytes"][small] == 0  # one process: no collectives at all
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+def test_radix_selection_finds_the_exact_kth_largest_value(dtype):
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(5, 300, generator=g, dtype=dtype) * torch.tensor([1e-3, 1, 1e3, 1, 1], dtype=dtype)[:, None]
+    values[3] = values[3].abs().neg()  # all negative
+    valid = torch.rand(5, 300, generator=g) < 0.7
+    k = torch.tensor([1, 7, 30, 50, int(valid[4].sum())])
+    keys, width = _order_keys(values)
+    cut = radix_select_keys(keys, valid, k, width)
+    expected = [values[i][valid[i]].sort(descending=True).values[k[i] - 1] for i in range(5)]
+    for i in range(5):
+        assert int(((keys[i] >= cut[i]) & valid[i]).sum()) == int(k[i])
+        assert torch.equal(values[i][(keys[i] == cut[i]) & valid[i]][0], expected[i])
+
+
+def test_rows_of_another_rank_are_a_clear_error():
+    from reid.errors import ReidError
+    from reid.memory import MemoryBank
+
+    bank = MemoryBank(torch.arange(4), torch.zeros(4, dtype=torch.long), torch.arange(4), 3, 2)
+    with pytest.raises(ReidError, match="not held by rank"):
+        bank.update(torch.tensor([9]), torch.ones(1, 3))
+    with pytest.raises(ReidError, match="expected 0..1"):
+        MemoryBank(torch.arange(2), torch.tensor([0, 5]), torch.arange(2), 3, 2)
+    assert np.isclose(bank.nbytes(), 4 * 3 * 4 + 3 * 4 * 8)
