@@ -75,7 +75,7 @@ def _worker(rank: int, world: int, port: int, outdir: str, load_from, save_to):
         f = features[rows].clone().requires_grad_()
         parts = sharded_ctacl_loss(f, cams[rows], tracklets[rows], rows, bank, **{**LOSS_ARGS, **mode})
         parts["loss"].backward()
-        out[name] = {"loss": float(parts["loss"]) / world, "grad": f.grad / world,
+        out[name] = {"loss": float(parts["loss"].detach()) / world, "grad": f.grad / world,
                      **{k: parts[k] for k in ("intra", "inter", "cam", "hard_ids", "easy_ids")}}
 
     # 2. one SGD step of a DDP model (no BatchNorm) on the sharded loss

@@ -158,3 +158,18 @@ def test_rows_of_another_rank_are_a_clear_error():
     with pytest.raises(ReidError, match="expected 0..1"):
         MemoryBank(torch.arange(2), torch.tensor([0, 5]), torch.arange(2), 3, 2)
     assert np.isclose(bank.nbytes(), 4 * 3 * 4 + 3 * 4 * 8)
+
+
+def test_torchrun_selftest_with_2_ranks_passes():
+    import os
+    import subprocess
+    import sys
+
+    from tests.dist_workers import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "reid", "selftest", "--rows", "600", "--dim", "16", "--batch", "6", "--cameras", "5"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "selftest passed" in done.stdout and "2 rank(s), backend gloo" in done.stdout
