@@ -34,7 +34,7 @@ from reid.losses import (camera_alignment_loss, ctacl_loss_parts, grey_zone_size
                          positive_pairs)
 from reid.memory import MemoryBank
 
-__all__ = ["sharded_ctacl_loss", "radix_select_keys"]
+__all__ = ["sharded_ctacl_loss", "grey_zone_cut", "radix_select_keys"]
 
 
 class _ThroughLocalLogits(torch.autograd.Function):
@@ -82,12 +82,13 @@ def radix_select_keys(keys: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, 
     b = keys.shape[0]
     rows, cols = valid.nonzero(as_tuple=True)
     pattern = _to_unsigned(keys[rows, cols], width)
+    del cols
     prefix = torch.zeros(b, dtype=torch.long, device=keys.device)
     remaining = k.clone()
     for shift in range(width - 8, -1, -8):
         digit = (pattern >> shift) & 255
-        hist = torch.bincount(rows * 256 + digit, minlength=b * 256).view(b, 256)
-        hist = dist.sum_across_ranks(hist).flip(1)  # bins from the largest digit down
+        hist = torch.bincount(rows * 256 + digit, minlength=b * 256).view(b, 256).to(torch.int32)
+        hist = dist.sum_across_ranks(hist).long().flip(1)  # bins from the largest digit down
         above = hist.cumsum(1)
         pos = (above < remaining[:, None]).sum(1).clamp(max=255)  # first bin where the count reaches k
         remaining = remaining - (above.gather(1, pos[:, None]) - hist.gather(1, pos[:, None])).squeeze(1)
@@ -96,6 +97,25 @@ def radix_select_keys(keys: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, 
         keep = digit == chosen[rows]
         rows, pattern = rows[keep], pattern[keep]
     return _to_signed(prefix, width)
+
+
+def grey_zone_cut(ranking: torch.Tensor, valid: torch.Tensor, sizes: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Per anchor, the ``sizes[i]``-th largest value of ``ranking`` among ``valid`` entries of all ranks.
+
+    ranking: (B, N_r) float; valid: (B, N_r) bool (O_i on this rank); sizes: (B,) int64 (0 → +inf, no cut).
+    Anchors are processed ``chunk`` at a time so the integer keys stay small; ``chunk`` must be the same
+    on every rank (the collectives of each chunk line up). Returns (B,) thresholds in ranking's dtype:
+    j is in the grey zone iff valid and ``ranking_ij >= threshold_i`` (as ``reid.losses``).
+    """
+    out = torch.full(sizes.shape, math.inf, dtype=ranking.dtype, device=ranking.device)
+    for start in range(0, ranking.shape[0], chunk):
+        part = slice(start, start + chunk)
+        keys, width = _order_keys(ranking[part])
+        cut = radix_select_keys(keys, valid[part], sizes[part].clamp(min=1), width)
+        bits = torch.where(cut < 0, cut ^ (0x7FFFFFFFFFFFFFFF if width == 64 else 0x7FFFFFFF), cut)
+        value = (bits.view(torch.float64) if width == 64 else bits.to(torch.int32).view(torch.float32))
+        out[part] = torch.where(sizes[part] > 0, value.to(ranking.dtype), out[part])
+    return out
 
 
 def _scores(x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
@@ -220,11 +240,11 @@ def sharded_ctacl_loss(features, cams, tracklets, row_ids, bank: MemoryBank, *, 
 
         # Grey zone: the ⌊ρ|O_i|⌋ largest r of O_i, cut found exactly across ranks (radix selection).
         n_grey = grey_zone_sizes(n_other, grey_zone)
-        keys, width = _order_keys(ranking)
-        other = ~same
-        cut = radix_select_keys(keys, other, n_grey.clamp(min=1), width)
-        grey = other & (keys >= cut[:, None]) & (n_grey > 0)[:, None]
-        del keys, ranking
+        # Anchor chunks of ~4M scores: the same count on every rank since it is derived from global sizes.
+        chunk = max(1, (1 << 22) * world // max(1, n_all))
+        threshold = grey_zone_cut(ranking, ~same, n_grey, chunk)
+        grey = ranking >= threshold[:, None]  # -inf on A_i, so only O_i rows
+        del ranking
 
         # Denominator Δ_i = A_i ⊎ N_i ⊎ H_i ⊎ E_i: every non-grey row plus the picks (DESIGN §3 multisets).
         logits.masked_fill_(grey, -math.inf)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from reid.losses import camera_centroids, ctacl_loss, ctacl_loss_parts
-from reid.sharded_loss import _order_keys, radix_select_keys
+from reid.sharded_loss import _order_keys, grey_zone_cut, radix_select_keys
 from tests.dist_workers import LOSS_ARGS, MODES, problem, run_world
 
 WORLDS = (1, 2, 4)
@@ -146,6 +146,8 @@ def test_radix_selection_finds_the_exact_kth_largest_value(dtype):
     for i in range(5):
         assert int(((keys[i] >= cut[i]) & valid[i]).sum()) == int(k[i])
         assert torch.equal(values[i][(keys[i] == cut[i]) & valid[i]][0], expected[i])
+    thresholds = grey_zone_cut(values, valid, torch.cat([k[:4], torch.tensor([0])]), chunk=2)  # 0: no grey zone
+    assert torch.equal(thresholds[:4], torch.stack(expected[:4])) and thresholds[4] == float("inf")
 
 
 def test_rows_of_another_rank_are_a_clear_error():
