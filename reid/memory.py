@@ -50,6 +50,7 @@ class MemoryBank:
         if n > 1 and bool((self._sorted_ids[1:] == self._sorted_ids[:-1]).any()):
             raise ReidError("MemoryBank: global_ids contain duplicates, expected one row per id")
         self._camera_rows = None  # global rows per camera, asked of all ranks once
+        self._sums = None  # this rank's per-camera row sums (num_cameras, D), kept up to date by update()
         self._work_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # bf16 rows: fp32 math
 
     def __len__(self) -> int:
@@ -74,6 +75,7 @@ class MemoryBank:
         """Set rows from a full feature pass. features: (k, D); normalised here."""
         pos = self.local_index(global_ids)
         self.rows[pos] = F.normalize(features.detach().to(self.device, self._work_dtype), dim=1).to(self.dtype)
+        self._sums = None  # recomputed from the rows when next needed
 
     @torch.no_grad()
     def update(self, global_ids, features) -> None:
@@ -83,8 +85,12 @@ class MemoryBank:
         fails loudly (autograd's version check) instead of using the new ones.
         """
         pos = self.local_index(global_ids)
+        touched = torch.unique(pos)  # a row drawn twice in a batch changes the sums once
+        before = self.rows[touched].to(self._work_dtype) if self._sums is not None else None
         mixed = 0.5 * self.rows[pos].to(self._work_dtype) + 0.5 * features.detach().to(self.device, self._work_dtype)
         self.rows[pos] = F.normalize(mixed, dim=1).to(self.dtype)
+        if before is not None:  # running per-camera sums (DESIGN §4): no pass over all rows per step
+            self._sums.index_add_(0, self.cams[touched], self.rows[touched].to(self._work_dtype) - before)
 
     def camera_rows(self) -> torch.Tensor:
         """(num_cameras,) int64: rows of each camera over all ranks (fixed for the bank's life)."""
@@ -100,9 +106,10 @@ class MemoryBank:
         Returns ``(centroids (num_cameras, D) fp32 (fp64 for an fp64 bank), present (num_cameras,) bool)``; cameras with no rows
         anywhere have ``present`` False and a zero row: use ``centroids[present]``.
         """
-        sums = torch.zeros(self.num_cameras, self.dim, dtype=self._work_dtype, device=self.device)
-        sums.index_add_(0, self.cams, self.rows.to(sums.dtype))
-        sums = dist.sum_across_ranks(sums)
+        if self._sums is None:
+            self._sums = torch.zeros(self.num_cameras, self.dim, dtype=self._work_dtype, device=self.device)
+            self._sums.index_add_(0, self.cams, self.rows.to(self._work_dtype))
+        sums = dist.sum_across_ranks(self._sums)
         present = self.camera_rows() > 0
         return F.normalize(sums, dim=1), present
 
@@ -142,6 +149,7 @@ class MemoryBank:
             local = self._order[pos[mine]]
             self.rows[local] = shard["rows"].to(self.device)[mine].to(self.dtype)
             have[local] = True
+        self._sums = None
         if not bool(have.all()):
             missing = self.global_ids[~have][:5].tolist()
             raise ReidError(f"memory checkpoint {directory}: {int((~have).sum())} of this rank's rows are missing "

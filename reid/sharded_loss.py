@@ -119,8 +119,10 @@ def grey_zone_cut(ranking: torch.Tensor, valid: torch.Tensor, sizes: torch.Tenso
 
 
 def _scores(x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-    """x·Mᵀ (B, N_r) in x's precision (a bf16 bank is widened for the product)."""
-    return x @ memory.to(x.dtype).T if memory.dtype != x.dtype else x @ memory.T
+    """x·Mᵀ (B, N_r), at least fp32. The product runs in the memory's precision, as in ``reid.losses``
+    (a bf16 bank stays bf16: no widened N_r × D copy)."""
+    out = x.to(memory.dtype) @ memory.T
+    return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
 
 
 def _merge_topk(values, ids, local_pos, k_global: int):

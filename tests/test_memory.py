@@ -79,3 +79,13 @@ def test_update_before_backward_of_the_loss_is_refused():
     b.update(b.global_ids[:2], f.detach())
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out["loss"].backward()
+
+
+def test_centroid_sums_follow_updates_even_with_a_row_drawn_twice():
+    b = bank(torch.float64)
+    b.camera_centroids()  # starts the running sums
+    f = F.normalize(torch.randn(3, 4, dtype=torch.float64), dim=1)
+    b.update(torch.tensor([7, 7, 42]), f)
+    centroids, present = b.camera_centroids()
+    _, ref = camera_centroids(b.rows, b.cams)
+    assert torch.allclose(centroids[present], ref, atol=1e-12)
