@@ -63,6 +63,7 @@ class SynthConfig:
     # viewpoint as scale, rotation and mirror: "side" (mirrored per camera) is that; front and rear cameras make
     # a much harder cross-view task that a CPU run of minutes does not learn (README: synthetic data).
     views: str = "side"
+    lighting: float = 1.0        # multiplier on each camera's colour cast / exposure / gamma / haze (0 = identical)
 
 
 def validate_synth(cfg: SynthConfig) -> None:
@@ -90,6 +91,7 @@ def validate_synth(cfg: SynthConfig) -> None:
     need(cfg.noise >= 0, "noise", "a number >= 0")
     need(cfg.blur >= 0, "blur", "a number >= 0")
     need(1 <= cfg.jpeg_quality <= 100, "jpeg_quality", "1..100")
+    need(cfg.lighting >= 0, "lighting", "a number >= 0")
     need(bool(camera_view_list(cfg)) and set(camera_view_list(cfg)) <= {"side", "front", "rear"}, "views",
          "a comma-separated list of side, front, rear")
 
@@ -119,7 +121,7 @@ def plan_passages(cfg: SynthConfig, vid: int) -> list[tuple[int, list[int]]]:
 def camera_views(cfg: SynthConfig) -> dict[int, str]:
     """{camera: side / front / rear}: which way each camera sees the vehicles (for diagnostics only)."""
     views = camera_view_list(cfg)
-    return {c: make_camera(_rng(cfg, _CAMERA, c), cfg.height, cfg.width, cfg.blur, cfg.noise, views).view
+    return {c: make_camera(_rng(cfg, _CAMERA, c), cfg.height, cfg.width, cfg.blur, cfg.noise, views, cfg.lighting).view
             for c in range(1, cfg.cameras + 1)}
 
 
@@ -163,7 +165,7 @@ def generate(out: str, cfg: SynthConfig) -> dict:
         os.remove(os.path.join(out, "synth.json"))
     H2, W2 = SUPERSAMPLE * cfg.height, SUPERSAMPLE * cfg.width
     views = camera_view_list(cfg)
-    cameras = {c: make_camera(_rng(cfg, _CAMERA, c), cfg.height, cfg.width, cfg.blur, cfg.noise, views)
+    cameras = {c: make_camera(_rng(cfg, _CAMERA, c), cfg.height, cfg.width, cfg.blur, cfg.noise, views, cfg.lighting)
                for c in range(1, cfg.cameras + 1)}
     counts = {"train": 0, "query": 0, "gallery": 0}
     used = set()

@@ -38,15 +38,17 @@ class Camera:
 
 
 def make_camera(rng: np.random.Generator, height: int, width: int, blur: float, noise: float,
-                views: list[str] = ("side", "side", "front", "rear")) -> Camera:
-    """Sample one camera installation for (height, width) output images, its viewpoint drawn from `views`."""
-    cast = 1.0 + rng.uniform(-0.18, 0.18, 3)
+                views: list[str] = ("side", "side", "front", "rear"), lighting: float = 1.0) -> Camera:
+    """Sample one camera installation for (height, width) output images, its viewpoint drawn from `views`;
+    `lighting` scales how far its colour cast, exposure, gamma and haze stray from a neutral camera."""
+    cast = 1.0 + lighting * rng.uniform(-0.18, 0.18, 3)
+    exposure = 1.0 + lighting * (rng.uniform(0.6, 1.25) - 1.0)
     return Camera(
         view=str(rng.choice(list(views))), mirror=bool(rng.random() < 0.5),
         shear=float(rng.uniform(-0.3, 0.3)), scale=float(rng.uniform(0.8, 1.05)),
         rotation=float(rng.uniform(-8, 8)), dy=float(rng.uniform(-0.06, 0.06)),
-        gain=(rng.uniform(0.6, 1.25) * cast).astype(np.float32), gamma=float(rng.uniform(0.75, 1.35)),
-        haze=float(rng.uniform(0.0, 0.25)), haze_colour=rng.uniform(0.6, 1.0, 3).astype(np.float32),
+        gain=(exposure * cast).astype(np.float32), gamma=float(1.0 + lighting * (rng.uniform(0.75, 1.35) - 1.0)),
+        haze=float(lighting * rng.uniform(0.0, 0.25)), haze_colour=rng.uniform(0.6, 1.0, 3).astype(np.float32),
         blur=float(rng.uniform(0.0, 1.0) * blur), noise=float(rng.uniform(2.0, 9.0) * noise),
         occluder_colour=tuple(int(c) for c in rng.integers(30, 220, 3)),
         background=_background(rng, SUPERSAMPLE * height + 2 * _SHAKE, SUPERSAMPLE * width + 2 * _SHAKE),
