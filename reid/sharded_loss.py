@@ -118,11 +118,19 @@ def grey_zone_cut(ranking: torch.Tensor, valid: torch.Tensor, sizes: torch.Tenso
     return out
 
 
-def _scores(x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-    """x·Mᵀ (B, N_r), at least fp32. The product runs in the memory's precision, as in ``reid.losses``
-    (a bf16 bank stays bf16: no widened N_r × D copy)."""
-    out = x.to(memory.dtype) @ memory.T
-    return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+def _scores(memory: torch.Tensor, *xs: torch.Tensor, rows_per_block: int = 8192) -> list[torch.Tensor]:
+    """``x·M_rᵀ`` (B, N_r) for each x, at least fp32, from one pass over the memory.
+
+    The xs are stacked so the N_r × D rows are read once, and each block is computed as (M·xᵀ)ᵀ: on CPU
+    that layout is markedly faster than x·Mᵀ with a transposed operand (measured for reid.losses in
+    benchmarks/loss_step.py). The product runs in the memory's precision, as in ``reid.losses``.
+    """
+    x = torch.cat([t.to(memory.dtype) for t in xs])
+    dtype = torch.float32 if memory.dtype in (torch.float16, torch.bfloat16) else memory.dtype
+    out = torch.empty(x.shape[0], memory.shape[0], dtype=dtype, device=x.device)
+    for start in range(0, memory.shape[0], rows_per_block):
+        out[:, start:start + rows_per_block] = (memory[start:start + rows_per_block] @ x.T).T
+    return list(out.split([t.shape[0] for t in xs]))
 
 
 def _merge_topk(values, ids, local_pos, k_global: int):
@@ -201,8 +209,7 @@ def sharded_ctacl_loss(features, cams, tracklets, row_ids, bank: MemoryBank, *, 
         union_hard = dist.gather_rows(hard_vectors, sizes)
         info = dist.gather_rows(own_info, sizes)
         cams_u, n_pos_u = info[:, 0].long(), info[:, 1].long()
-        logits = _scores(union.detach() * inv_t, memory)  # s (B_u, N_r)
-        ranking = _scores(union_hard, memory)  # r (B_u, N_r)
+        logits, ranking = _scores(memory, union.detach() * inv_t, union_hard)  # s, r: (B_u, N_r) each
         same = cams_u[:, None] == bank.cams[None, :]  # A_i on this rank
         camera_rows = bank.camera_rows()
         n_other = camera_rows.sum() - camera_rows[cams_u]  # |O_i| over all ranks
