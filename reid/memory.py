@@ -74,7 +74,11 @@ class MemoryBank:
     def fill(self, global_ids, features) -> None:
         """Set rows from a full feature pass. features: (k, D); normalised here."""
         pos = self.local_index(global_ids)
-        self.rows[pos] = F.normalize(features.detach().to(self.device, self._work_dtype), dim=1).to(self.dtype)
+        features = torch.as_tensor(features).detach().to(self.device, self._work_dtype)
+        if features.shape != (pos.numel(), self.dim):
+            raise ReidError(f"MemoryBank.fill: features {tuple(features.shape)} given, "
+                            f"expected ({pos.numel()}, {self.dim})")
+        self.rows[pos] = F.normalize(features, dim=1).to(self.dtype)
         self._sums = None  # recomputed from the rows when next needed
 
     @torch.no_grad()
@@ -103,8 +107,8 @@ class MemoryBank:
     def camera_centroids(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``C_c = normalize(Σ_{j: c_j=c} m_j)`` over all ranks (DESIGN §3; the sum's direction = the mean's).
 
-        Returns ``(centroids (num_cameras, D) fp32 (fp64 for an fp64 bank), present (num_cameras,) bool)``; cameras with no rows
-        anywhere have ``present`` False and a zero row: use ``centroids[present]``.
+        Returns ``(centroids (num_cameras, D) fp32 (fp64 for an fp64 bank), present (num_cameras,) bool)``;
+        cameras with no rows anywhere have ``present`` False and a zero row: use ``centroids[present]``.
         """
         if self._sums is None:
             self._sums = torch.zeros(self.num_cameras, self.dim, dtype=self._work_dtype, device=self.device)
