@@ -175,3 +175,30 @@ def test_torchrun_selftest_with_2_ranks_passes():
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "selftest passed" in done.stdout and "2 rank(s), backend gloo" in done.stdout
+
+
+def test_slurm_environment_gives_rank_world_and_master(monkeypatch):
+    from reid import dist
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    monkeypatch.setenv("MASTER_ADDR", "node-a")
+    assert dist._launcher_env() == (3, 1, 4)
+    assert dist.os.environ["MASTER_PORT"] == str(15000 + 1234)
+
+
+def test_no_launcher_environment_means_one_process_and_identity_collectives(monkeypatch):
+    from reid import dist
+
+    for key in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    env = dist.init_distributed("cpu")
+    assert (env.rank, env.world_size, env.backend, env.device.type) == (0, 1, None, "cpu")
+    t = torch.arange(3.0, requires_grad=True)
+    union, sizes = dist.gather_anchors(t)
+    assert union is t and sizes == [3] and dist.gather_objects("x") == ["x"] and dist.is_main()
+    assert torch.equal(dist.sum_across_ranks(t), t.detach())
