@@ -103,11 +103,12 @@ def _run(args, env) -> int:
                              grey_zone=0.01, cam_weight=0.2, warmup=warmup)
             ref.backward()
             loss = sum(p[0] for p in parts)
-            loss_rel = abs(loss - float(ref)) / max(abs(float(ref)), 1e-30)
+            ref_value = float(ref.detach())
+            loss_rel = abs(loss - ref_value) / max(abs(ref_value), 1e-30)
             grad_rel = _rel(torch.cat([p[1] for p in parts]), ref_f.grad)
             ok = loss_rel <= tolerance and grad_rel <= tolerance
             failed |= not ok
-            lines.append(f"{mode:8s} loss {loss:.8f} ref {float(ref):.8f} rel diff {loss_rel:.2e}  "
+            lines.append(f"{mode:8s} loss {loss:.8f} ref {ref_value:.8f} rel diff {loss_rel:.2e}  "
                          f"grad max rel diff {grad_rel:.2e}  {seconds * 1e3:.1f} ms  "
                          f"{sent / 1e6:.3f} MB sent by rank 0  {'OK' if ok else 'MISMATCH'}")
     nbytes = dist.gather_objects(bank.nbytes())
