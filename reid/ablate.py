@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="reid ablate", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/synthetic.yaml")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of: {', '.join(ROWS)}")
+    p.add_argument("--table-only", action="store_true", help="only collect finished rows into the table")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every row")
     args = p.parse_args(argv)
     from reid.train import main as train_main
@@ -37,17 +38,13 @@ def main(argv: list[str] | None = None) -> int:
         from reid.errors import ReidError
 
         raise ReidError(f"--rows: unknown row(s) {', '.join(unknown)} (known: {', '.join(ROWS)})")
-    results = {}
-    for name in names:
+    for name in [] if args.table_only else names:
         row_overrides = [o.format(epochs=base.train.epochs) for o in ROWS[name]]
-        out = os.path.join(root, name.replace(" ", "_"))
-        cfg = load_config(args.config, args.overrides + row_overrides + [f"output_dir={out}"])
+        cfg = load_config(args.config, args.overrides + row_overrides + [f"output_dir={_row_dir(root, name)}"])
         print(f"\n=== ablation row: {name} ({' '.join(row_overrides) or 'reference recipe'}) ===", flush=True)
-        metrics = train_main(cfg)
-        last = metrics.get("epochs", [{}])[-1]
-        results[name] = {"overrides": row_overrides, **metrics.get("final", {}),
-                         "hard_positive_precision": last.get("hard_positive_precision"),
-                         "easy_positive_precision": last.get("easy_positive_precision")}
+        train_main(cfg)
+    # The table is built from every finished row folder, so rows may run in separate processes.
+    results = collect(root, base.train.epochs)
     table = format_ablation(results, base.train.epochs)
     print("\n" + table)
     os.makedirs(root, exist_ok=True)
@@ -56,6 +53,27 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(root, "ablation.md"), "w") as f:
         f.write(table + "\n")
     return 0
+
+
+def _row_dir(root: str, name: str) -> str:
+    return os.path.join(root, name.replace(" ", "_"))
+
+
+def collect(root: str, epochs: int) -> dict:
+    """{row: final metrics + last epoch's mined-positive precision} for every finished row under `root`."""
+    results = {}
+    for name, overrides in ROWS.items():
+        path = os.path.join(_row_dir(root, name), "metrics.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            metrics = json.load(f)
+        last = (metrics.get("epochs") or [{}])[-1]
+        results[name] = {"overrides": [o.format(epochs=epochs) for o in overrides], **metrics.get("final", {}),
+                         "warmup_mAP": (metrics.get("warmup") or {}).get("mAP"),
+                         "hard_positive_precision": last.get("hard_positive_precision"),
+                         "easy_positive_precision": last.get("easy_positive_precision")}
+    return results
 
 
 def format_ablation(results: dict, epochs: int) -> str:
