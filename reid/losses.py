@@ -36,7 +36,7 @@ from reid.errors import ReidError
 
 __all__ = [
     "ctacl_loss", "ctacl_loss_parts", "positive_pairs", "hardest_positive_rows", "grey_zone_sizes",
-    "grey_zone_thresholds", "log_denominator", "camera_centroids", "camera_alignment_loss",
+    "grey_zone_thresholds", "log_denominator", "camera_centroids", "camera_alignment_loss", "ThroughLogits",
 ]
 
 
@@ -132,7 +132,7 @@ def camera_alignment_loss(features, centroids):
 # ----------------------------------------------------------------------------------------- autograd
 
 
-class _ThroughLogits(torch.autograd.Function):
+class ThroughLogits(torch.autograd.Function):
     """Gives ``features`` the gradient of a loss whose ``dL/ds`` (B, N) was computed in the forward pass.
 
     s = features·Mᵀ/τ, so dL/dfeatures = dL/ds · M / τ: the one (B, N)·(N, D) product of backward.
@@ -241,7 +241,7 @@ def _ctacl(features, cams, tracklets, memory, memory_cams, memory_tracklets, *, 
             del ranking
         value, grad_logits = terms["per_anchor"].mean(), terms["grad_logits"]
 
-    loss = _ThroughLogits.apply(features, value.to(features.dtype), grad_logits, memory, 1.0 / temperature)
+    loss = ThroughLogits.apply(features, value.to(features.dtype), grad_logits, memory, 1.0 / temperature)
     cam = None
     if not warmup and (cam_weight != 0 or with_parts):
         if centroids is None:

@@ -30,27 +30,11 @@ import torch
 
 from reid import dist
 from reid.errors import ReidError
-from reid.losses import (camera_alignment_loss, ctacl_loss_parts, grey_zone_sizes, hardest_positive_rows,
-                         positive_pairs)
+from reid.losses import (ThroughLogits, camera_alignment_loss, ctacl_loss_parts, grey_zone_sizes,
+                         hardest_positive_rows, positive_pairs)
 from reid.memory import MemoryBank
 
 __all__ = ["sharded_ctacl_loss", "grey_zone_cut", "radix_select_keys"]
-
-
-class _ThroughLocalLogits(torch.autograd.Function):
-    """Value ``value``; gradient w.r.t. the union anchors ``dL/ds · M_r / τ`` (s = anchors·M_rᵀ/τ)."""
-
-    @staticmethod
-    def forward(ctx, anchors, value, grad_logits, memory, inv_temperature):
-        ctx.save_for_backward(grad_logits, memory)  # in-place memory updates before backward are refused
-        ctx.inv_temperature, ctx.dtype = inv_temperature, anchors.dtype
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_logits, memory = ctx.saved_tensors
-        grad = (grad_logits.to(memory.dtype) @ memory).to(ctx.dtype)
-        return grad.mul_(grad_out * ctx.inv_temperature), None, None, None, None
 
 
 def _order_keys(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -279,7 +263,8 @@ def sharded_ctacl_loss(features, cams, tracklets, row_ids, bank: MemoryBank, *, 
         value = per_anchor[own].sum() / b_u
         intra_own = (shift[own] + torch.log(a_local) - pos_sum[own] / n_pos).sum()
 
-    loss = _ThroughLocalLogits.apply(union, value.to(features.dtype), grad, memory, inv_t)
+    # The same hand-off as the single-process loss: dL/ds · M_r / τ to the union anchors (then back to owners).
+    loss = ThroughLogits.apply(union, value.to(features.dtype), grad, memory, inv_t)
     cam_sum = features.new_zeros(())
     if cam_weight != 0:
         centroids, present = bank.camera_centroids()
