@@ -234,6 +234,19 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Make every rank's buffers (BatchNorm running statistics) rank ``src``'s, in place.
+
+    DDP broadcasts buffers only at the start of each forward, so after an epoch each rank's BN statistics
+    carry its own last batch; a memory refresh or an evaluation should use one model, the checkpointed one.
+    """
+    if not is_initialized():
+        return
+    for buffer in module.buffers():
+        tdist.broadcast(buffer, src=src)
+
+
 def gather_candidates(t: torch.Tensor) -> torch.Tensor:
     """Per-anchor candidates from every rank side by side: (B, K) on each rank → (B, R·K), rank-major blocks.
 

@@ -204,6 +204,8 @@ def _run(cfg: Config, env) -> dict:
         sampler.set_epoch(epoch)
         loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
         if epoch % cfg.memory.refresh_every == 0:  # otherwise a resumed run continues with the saved memory
+            # Every rank embeds its rows with rank 0's BN statistics — the model a resumed run loads.
+            dist.broadcast_buffers(_unwrap(model))
             fill_memory(_unwrap(model), bank, train, cfg, env)
         lr, backbone_lr = learning_rates(cfg, epoch)
         for group in optimizer.param_groups:
