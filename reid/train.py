@@ -21,6 +21,7 @@ from reid.data.images import TrainImages, eval_transform, train_transform
 from reid.data.readers import load_dataset
 from reid.data.sampler import CameraShardSampler, partition_cameras, shard_imbalance
 from reid.data.synthetic import ensure_synthetic
+from reid.errors import ReidError
 from reid.features import extract_features, make_loader
 from reid.memory import MemoryBank
 from reid.model import build_model
@@ -163,6 +164,9 @@ def _run(cfg: Config, env) -> dict:
                                 momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay, nesterov=True)
     if env.world_size > 1:
         if cfg.model.sync_bn:
+            if env.device.type != "cuda":
+                raise ReidError("model.sync_bn=true needs CUDA ranks (torch's SyncBatchNorm is GPU-only); "
+                                "on CPU ranks use model.sync_bn=false")
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
