@@ -34,6 +34,20 @@ class DataConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Training augmentations (reid.data.images.train_transform); evaluation and memory fills use none."""
+    flip: float = 0.5              # probability of a horizontal flip
+    pad: int = 10                  # pixels of padding before the random crop back to (height, width)
+    rotation: float = 0.0          # random affine: rotation range in degrees (the original uses 10)
+    shear: float = 0.0             # random affine: horizontal shear range in degrees
+    scale: float = 0.0             # random affine: zoom range, ± this share
+    jitter: float = 0.2            # colour jitter: brightness / contrast / saturation
+    hue: float = 0.0               # colour jitter: hue (at most 0.5)
+    blur: float = 0.0              # probability of a Gaussian blur
+    erasing: float = 0.5           # probability of random erasing
+
+
+@dataclass
 class ModelConfig:
     arch: str = "resnet50"
     pretrained: str = ""           # path to a torchvision ResNet state dict; "" = random init
@@ -87,6 +101,7 @@ class EvalConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -184,6 +199,16 @@ def validate(cfg: Config) -> Config:
     for key in non_negative:
         if get(cfg, key) < 0:
             raise ReidError(f"config key '{key}': got {get(cfg, key)!r}, expected a value >= 0")
+    for key in ("augment.flip", "augment.blur", "augment.erasing"):
+        if not 0.0 <= get(cfg, key) <= 1.0:
+            raise ReidError(f"config key '{key}': got {get(cfg, key)!r}, expected a probability in [0, 1]")
+    for key in ("augment.pad", "augment.rotation", "augment.shear", "augment.jitter"):
+        if get(cfg, key) < 0:
+            raise ReidError(f"config key '{key}': got {get(cfg, key)!r}, expected a value >= 0")
+    if not 0.0 <= cfg.augment.scale < 1.0:
+        raise ReidError(f"config key 'augment.scale': got {cfg.augment.scale!r}, expected 0 <= value < 1")
+    if not 0.0 <= cfg.augment.hue <= 0.5:
+        raise ReidError(f"config key 'augment.hue': got {cfg.augment.hue!r}, expected 0 <= value <= 0.5")
     if not 0.0 <= cfg.loss.grey_zone < 1.0:
         raise ReidError(f"config key 'loss.grey_zone': got {cfg.loss.grey_zone!r}, expected 0 <= value < 1")
     if cfg.model.last_stride not in (1, 2):

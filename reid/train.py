@@ -185,7 +185,8 @@ def _run(cfg: Config, env) -> dict:
 
     records = train.training_view()  # no identities on the training side
     dataset_images = TrainImages(records.paths, records.cams, records.tracklets,
-                                 train_transform(cfg.data.height, cfg.data.width), skip_corrupt=cfg.data.skip_corrupt)
+                                 train_transform(cfg.data.height, cfg.data.width, **vars(cfg.augment)),
+                                 skip_corrupt=cfg.data.skip_corrupt)
     sampler = CameraShardSampler(records.cams, shards[env.rank], cfg.train.batch_size, steps, cfg.seed)
     loader = make_loader(dataset_images, cfg.train.batch_size, cfg.data.workers, sampler=sampler, drop_last=True,
                          generator=torch.Generator(), pin_memory=env.device.type == "cuda")

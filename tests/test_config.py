@@ -30,6 +30,9 @@ def test_public_contract_keys_exist(key):
     ("data.protocol=huge", ["data.protocol", "huge", "small"]),
     ("train.batch_size=0", ["train.batch_size", "positive"]),
     ("loss.grey_zone=2", ["loss.grey_zone"]),
+    ("augment.erasing=1.5", ["augment.erasing", "1.5", "probability"]),
+    ("augment.hue=0.7", ["augment.hue", "0.7", "0.5"]),
+    ("augment.rotation=-5", ["augment.rotation", ">= 0"]),
     ("train", ["key=value"]),
 ])
 def test_bad_override_is_one_line_naming_key_given_and_allowed(override, words):

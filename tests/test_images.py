@@ -29,6 +29,20 @@ def test_train_transform_gives_normalised_float_images_of_the_configured_size():
     assert rotated.shape == (3, 32, 16)
 
 
+def test_camera_like_augmentations_change_the_image_but_not_its_shape():
+    image = Image.new("RGB", (50, 90), (10, 200, 30))
+    plain = train_transform(32, 16, flip=0.0, pad=0, jitter=0.0, erasing=0.0)
+    assert torch.equal(plain(image), plain(image))  # nothing random left
+    camera_like = train_transform(32, 16, flip=0.0, pad=0, jitter=0.0, erasing=0.0, hue=0.2, blur=1.0)
+    torch.manual_seed(0)
+    outs = [camera_like(image) for _ in range(3)]
+    assert all(o.shape == (3, 32, 16) for o in outs)
+    assert not torch.allclose(outs[0], outs[1])  # the hue shift is drawn per image
+    affine = train_transform(32, 16, flip=0.0, pad=0, jitter=0.0, erasing=0.0, rotation=10.0, shear=10.0,
+                             scale=0.2)
+    assert affine(image).shape == (3, 32, 16)
+
+
 def test_eval_transform_is_deterministic_and_normalised():
     image = Image.new("RGB", (50, 90), (255, 255, 255))
     a, b = eval_transform(32, 16)(image), eval_transform(32, 16)(image)

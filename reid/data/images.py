@@ -71,20 +71,27 @@ def read_image(path: str) -> Image.Image:
 
 
 def train_transform(height: int, width: int, *, flip: float = 0.5, pad: int = 10,
-                    jitter: float = 0.2, erasing: float = 0.5, rotation: float = 0.0) -> v2.Compose:
-    """Reference training augmentations: PIL image -> (3, height, width) float32, normalised.
+                    jitter: float = 0.2, erasing: float = 0.5, rotation: float = 0.0, shear: float = 0.0,
+                    scale: float = 0.0, hue: float = 0.0, blur: float = 0.0) -> v2.Compose:
+    """Training augmentations: PIL image -> (3, height, width) float32, normalised.
 
-    Resize, horizontal flip, pad + random crop, colour jitter (brightness/contrast/saturation
-    ``jitter``), optional rotation (the original uses 10°), ImageNet normalisation, then
-    random erasing with probability ``erasing`` (on the normalised tensor, as in the original).
+    Resize, horizontal flip, optional random affine (``rotation`` and ``shear`` in degrees, ``scale`` as ±
+    a share; the original uses rotation 10°), pad + random crop, colour jitter (brightness/contrast/
+    saturation ``jitter``, hue ``hue``), Gaussian blur with probability ``blur``, ImageNet normalisation,
+    then random erasing with probability ``erasing`` (on the normalised tensor, as in the original).
+    The affine, hue and blur steps imitate what differs between two cameras (tilt, viewpoint skew, zoom,
+    colour cast, optics), so that features learnt within cameras transfer across them.
     """
     steps = [v2.ToImage(), v2.Resize((height, width), antialias=True), v2.RandomHorizontalFlip(flip)]
-    if rotation:
-        steps.append(v2.RandomRotation(rotation))
+    if rotation or shear or scale:
+        steps.append(v2.RandomAffine(degrees=rotation, shear=(-shear, shear) if shear else None,
+                                     scale=(1.0 - scale, 1.0 + scale) if scale else None))
     if pad:
         steps += [v2.Pad(pad), v2.RandomCrop((height, width))]
-    if jitter:
-        steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
+    if jitter or hue:
+        steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=hue))
+    if blur:
+        steps.append(v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=blur))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if erasing:
         steps.append(v2.RandomErasing(p=erasing))
