@@ -2,12 +2,20 @@
 
 Rows run one after another through the same `main(cfg)`; each writes its own run folder under
 `<output_dir>/ablation/<row>`, and the table is printed and saved as JSON and Markdown.
+
+The warm-up epochs use the intra-camera loss alone, so they are the same for every row (same seed, same
+losses). `--share-warmup` trains them once in `<output_dir>/ablation/_warmup` and starts every row from a
+copy of that checkpoint; resuming retraces an uninterrupted run exactly, so the table is the same as with
+each row retraining its own warm-up, for a fraction of the CPU time.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
+
+import torch
 
 from reid.config import load_config
 
@@ -26,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="configs/synthetic.yaml")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of: {', '.join(ROWS)}")
     p.add_argument("--table-only", action="store_true", help="only collect finished rows into the table")
+    p.add_argument("--share-warmup", action="store_true",
+                   help="train the warm-up epochs once and start every row from that checkpoint")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every row")
     args = p.parse_args(argv)
     from reid.train import main as train_main
@@ -38,9 +48,16 @@ def main(argv: list[str] | None = None) -> int:
         from reid.errors import ReidError
 
         raise ReidError(f"--rows: unknown row(s) {', '.join(unknown)} (known: {', '.join(ROWS)})")
+    warmup_dir = os.path.join(root, "_warmup")
+    if args.share_warmup and not args.table_only and 0 < base.train.warmup_epochs < base.train.epochs:
+        print(f"\n=== shared warm-up ({base.train.warmup_epochs} epochs) ===", flush=True)
+        train_main(load_config(args.config, args.overrides + [f"train.epochs={base.train.warmup_epochs}",
+                                                               f"output_dir={warmup_dir}"]))
     for name in [] if args.table_only else names:
         row_overrides = [o.format(epochs=base.train.epochs) for o in ROWS[name]]
         cfg = load_config(args.config, args.overrides + row_overrides + [f"output_dir={_row_dir(root, name)}"])
+        if args.share_warmup:
+            start_from_warmup(warmup_dir, cfg.output_dir)
         print(f"\n=== ablation row: {name} ({' '.join(row_overrides) or 'reference recipe'}) ===", flush=True)
         train_main(cfg)
     # The table is built from every finished row folder, so rows may run in separate processes.
@@ -53,6 +70,32 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(root, "ablation.md"), "w") as f:
         f.write(table + "\n")
     return 0
+
+
+def start_from_warmup(warmup_dir: str, row_dir: str) -> None:
+    """Seed `row_dir` with the shared warm-up's checkpoint (its memory folder too) unless the row has one.
+
+    The warm-up run ended there, so its last evaluation (metrics.json "final", written after the checkpoint)
+    becomes the row's "warmup".
+    """
+    source = os.path.join(warmup_dir, "checkpoint.pt")
+    target = os.path.join(row_dir, "checkpoint.pt")
+    if os.path.isfile(target) or not os.path.isfile(source):
+        return
+    ckpt = torch.load(source, map_location="cpu", weights_only=False)
+    os.makedirs(row_dir, exist_ok=True)
+    shutil.copytree(os.path.join(warmup_dir, ckpt["memory_dir"]), os.path.join(row_dir, ckpt["memory_dir"]),
+                    dirs_exist_ok=True)
+    metrics = ckpt["metrics"]
+    metrics_path = os.path.join(warmup_dir, "metrics.json")
+    if os.path.isfile(metrics_path):
+        with open(metrics_path) as f:
+            final = json.load(f).get("final")
+        if final is not None:
+            metrics.setdefault("warmup", final)
+    if "final" in metrics:
+        metrics["warmup"] = metrics.pop("final")
+    torch.save(ckpt, target)
 
 
 def _row_dir(root: str, name: str) -> str:

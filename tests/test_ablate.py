@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from reid.ablate import ROWS, collect, format_ablation, main
 from reid.errors import ReidError
@@ -30,3 +31,23 @@ def test_every_row_switches_off_one_component():
 def test_unknown_row_is_an_error():
     with pytest.raises(ReidError, match="no such row"):
         main(["--rows", "no such row"])
+
+
+def test_a_row_started_from_the_shared_warmup_resumes_with_its_metrics_renamed(tmp_path):
+    from reid.ablate import start_from_warmup
+
+    warmup = tmp_path / "_warmup"
+    (warmup / "memory_e0003").mkdir(parents=True)
+    (warmup / "memory_e0003" / "memory_rank00000_of00001.pt").write_bytes(b"rows")
+    torch.save({"epoch": 3, "memory_dir": "memory_e0003", "metrics": {"untrained": {"mAP": 0.02},
+                                                                     "final": {"mAP": 0.12}}},
+               warmup / "checkpoint.pt")
+    row = tmp_path / "full"
+    start_from_warmup(str(warmup), str(row))
+    ckpt = torch.load(row / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 3 and (row / "memory_e0003" / "memory_rank00000_of00001.pt").read_bytes() == b"rows"
+    assert ckpt["metrics"] == {"untrained": {"mAP": 0.02}, "warmup": {"mAP": 0.12}}
+    ckpt["epoch"] = 5  # a row that already has its own checkpoint is left alone
+    torch.save(ckpt, row / "checkpoint.pt")
+    start_from_warmup(str(warmup), str(row))
+    assert torch.load(row / "checkpoint.pt", weights_only=False)["epoch"] == 5

@@ -70,3 +70,16 @@ def test_torchrun_two_ranks_train_evaluate_then_resume_with_one_and_four_ranks(t
         assert "resumed from epoch 1" in result.stdout
         assert f"{ranks} rank(s)" in result.stdout
         assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 2
+
+
+def test_ablation_rows_from_the_shared_warmup_equal_rows_that_retrain_it(tmp_path):
+    """`reid ablate --share-warmup` claims the same table as retraining the warm-up per row: check one row."""
+    from reid.ablate import main as ablate
+
+    common = TINY + [f"data.root={tmp_path / 'synth'}", "train.epochs=2", "train.warmup_epochs=1"]
+    ablate(["--rows", "full", "--share-warmup", *common, f"output_dir={tmp_path / 'shared'}"])
+    ablate(["--rows", "full", *common, f"output_dir={tmp_path / 'own'}"])
+    shared = json.loads((tmp_path / "shared" / "ablation" / "full" / "metrics.json").read_text())
+    own = json.loads((tmp_path / "own" / "ablation" / "full" / "metrics.json").read_text())
+    assert shared["final"] == own["final"] and shared["warmup"] == own["warmup"]
+    assert [e["loss"] for e in shared["epochs"]] == [e["loss"] for e in own["epochs"]]
