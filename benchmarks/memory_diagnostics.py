@@ -5,6 +5,7 @@ For a run folder (its checkpoint's memory) on a labelled dataset, prints:
 - for the other-camera rows ranked by similarity to an anchor's own row, the precision and recall of the true
   matches (same identity, other camera) at depths K, among them the grey-zone sizes ⌊ρ·|O_i|⌋ for several ρ:
   how many true matches a grey zone of that size keeps out of the negatives.
+It ranks all N×N pairs at once, so it is meant for synthetic-sized sets (N of a few thousand), not VeRi-Wild.
 
     python benchmarks/memory_diagnostics.py runs/ablation10/ablation/_warmup --root data/synthetic
 """

@@ -38,14 +38,13 @@ def main() -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides for every setting (e.g. train.epochs=7)")
     args = p.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from reid.ablate import start_from_warmup
+    from reid.ablate import start_from_warmup, train_shared_warmup
     from reid.config import load_config
     from reid.train import main as train_main
 
     base = load_config(args.config, args.overrides)
     warmup_dir = os.path.join(args.out, "_warmup")
-    train_main(load_config(args.config, args.overrides + [f"train.epochs={base.train.warmup_epochs}",
-                                                          f"output_dir={warmup_dir}"]))
+    train_shared_warmup(args.config, args.overrides, warmup_dir)
     rows = []
     for i, (name, overrides) in enumerate(SETTINGS.items()):
         out = os.path.join(args.out, f"s{i}")

@@ -49,14 +49,13 @@ def main(argv: list[str] | None = None) -> int:
 
         raise ReidError(f"--rows: unknown row(s) {', '.join(unknown)} (known: {', '.join(ROWS)})")
     warmup_dir = os.path.join(root, "_warmup")
-    if args.share_warmup and not args.table_only and 0 < base.train.warmup_epochs < base.train.epochs:
-        print(f"\n=== shared warm-up ({base.train.warmup_epochs} epochs) ===", flush=True)
-        train_main(load_config(args.config, args.overrides + [f"train.epochs={base.train.warmup_epochs}",
-                                                               f"output_dir={warmup_dir}"]))
+    shared = args.share_warmup and 0 < base.train.warmup_epochs < base.train.epochs
+    if shared and not args.table_only:
+        train_shared_warmup(args.config, args.overrides, warmup_dir)
     for name in [] if args.table_only else names:
         row_overrides = [o.format(epochs=base.train.epochs) for o in ROWS[name]]
         cfg = load_config(args.config, args.overrides + row_overrides + [f"output_dir={_row_dir(root, name)}"])
-        if args.share_warmup:
+        if shared:
             start_from_warmup(warmup_dir, cfg.output_dir)
         print(f"\n=== ablation row: {name} ({' '.join(row_overrides) or 'reference recipe'}) ===", flush=True)
         train_main(cfg)
@@ -72,11 +71,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def train_shared_warmup(config: str, overrides: list[str], warmup_dir: str) -> None:
+    """Train only the warm-up epochs of `config` + `overrides` into `warmup_dir` (resumes if interrupted)."""
+    from reid.train import main as train_main
+
+    base = load_config(config, overrides)
+    print(f"\n=== shared warm-up ({base.train.warmup_epochs} epochs) ===", flush=True)
+    train_main(load_config(config, overrides + [f"train.epochs={base.train.warmup_epochs}",
+                                                f"output_dir={warmup_dir}"]))
+
+
 def start_from_warmup(warmup_dir: str, row_dir: str) -> None:
     """Seed `row_dir` with the shared warm-up's checkpoint (its memory folder too) unless the row has one.
 
-    The warm-up run ended there, so its last evaluation (metrics.json "final", written after the checkpoint)
-    becomes the row's "warmup".
+    The warm-up run's last evaluation (its metrics.json "final", written after the checkpoint) becomes the
+    row's "warmup".
     """
     source = os.path.join(warmup_dir, "checkpoint.pt")
     target = os.path.join(row_dir, "checkpoint.pt")
@@ -86,15 +95,8 @@ def start_from_warmup(warmup_dir: str, row_dir: str) -> None:
     os.makedirs(row_dir, exist_ok=True)
     shutil.copytree(os.path.join(warmup_dir, ckpt["memory_dir"]), os.path.join(row_dir, ckpt["memory_dir"]),
                     dirs_exist_ok=True)
-    metrics = ckpt["metrics"]
-    metrics_path = os.path.join(warmup_dir, "metrics.json")
-    if os.path.isfile(metrics_path):
-        with open(metrics_path) as f:
-            final = json.load(f).get("final")
-        if final is not None:
-            metrics.setdefault("warmup", final)
-    if "final" in metrics:
-        metrics["warmup"] = metrics.pop("final")
+    with open(os.path.join(warmup_dir, "metrics.json")) as f:
+        ckpt["metrics"]["warmup"] = json.load(f)["final"]
     torch.save(ckpt, target)
 
 

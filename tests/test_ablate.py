@@ -39,9 +39,9 @@ def test_a_row_started_from_the_shared_warmup_resumes_with_its_metrics_renamed(t
     warmup = tmp_path / "_warmup"
     (warmup / "memory_e0003").mkdir(parents=True)
     (warmup / "memory_e0003" / "memory_rank00000_of00001.pt").write_bytes(b"rows")
-    torch.save({"epoch": 3, "memory_dir": "memory_e0003", "metrics": {"untrained": {"mAP": 0.02},
-                                                                     "final": {"mAP": 0.12}}},
+    torch.save({"epoch": 3, "memory_dir": "memory_e0003", "metrics": {"untrained": {"mAP": 0.02}}},
                warmup / "checkpoint.pt")
+    (warmup / "metrics.json").write_text(json.dumps({"untrained": {"mAP": 0.02}, "final": {"mAP": 0.12}}))
     row = tmp_path / "full"
     start_from_warmup(str(warmup), str(row))
     ckpt = torch.load(row / "checkpoint.pt", weights_only=False)
