@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -52,7 +53,10 @@ class ModelConfig:
     arch: str = "resnet50"
     pretrained: str = ""           # path to a torchvision ResNet state dict; "" = random init
     last_stride: int = 1
-    sync_bn: bool = False          # convert BatchNorm to SyncBatchNorm under DDP (README: "Which BatchNorm")
+    # With several ranks: all_cameras = BatchNorm over the union batch of all ranks (SyncBatchNorm on CUDA, an
+    # all-reduce BatchNorm on CPU ranks); per_rank = each rank normalises its own cameras (camera-specific
+    # statistics) and running statistics are merged over ranks before every memory fill, evaluation and save.
+    batchnorm: str = "all_cameras"
 
 
 @dataclass
@@ -76,8 +80,8 @@ class MemoryConfig:
 class TrainConfig:
     epochs: int = 20
     warmup_epochs: int = 6         # epochs 0..warmup_epochs-1 use the intra-camera loss only
-    batch_size: int = 128          # per rank
-    steps_per_epoch: int = 0       # 0 = one pass over the largest shard
+    batch_size: int = 128          # global: the union batch over all ranks (the same recipe at any world size)
+    steps_per_epoch: int = 0       # cap on the steps of an epoch; 0 = one pass over the training images
     lr: float = 0.1                # new layers (BN neck)
     backbone_lr: float = 0.01
     momentum: float = 0.9
@@ -110,7 +114,7 @@ class Config:
     synth: SynthConfig = field(default_factory=SynthConfig)
     output_dir: str = "runs/default"
     seed: int = 0
-    device: str = "auto"           # auto / cpu / cuda
+    device: str = "auto"           # auto / cpu / cuda / cuda:N (with several ranks each uses its local rank's GPU)
 
 
 _CHOICES = {
@@ -118,8 +122,9 @@ _CHOICES = {
     "data.protocol": PROTOCOLS,
     "model.arch": ARCHS,
     "memory.dtype": ("float32", "bfloat16"),
-    "device": ("auto", "cpu", "cuda"),
+    "model.batchnorm": ("all_cameras", "per_rank"),
 }
+LEGACY_KEYS = ("model.sync_bn",)  # in configs saved by older versions (checkpoints); ignored when read back
 
 
 def _convert(key: str, value, typ):
@@ -189,6 +194,8 @@ def validate(cfg: Config) -> Config:
         value = get(cfg, key)
         if value not in allowed:
             raise ReidError(f"config key '{key}': got {value!r}, expected one of {', '.join(allowed)}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise ReidError(f"config key 'device': got {cfg.device!r}, expected auto, cpu, cuda or cuda:N")
     positive = ["train.epochs", "train.batch_size", "data.height", "data.width", "memory.refresh_every",
                 "eval.batch_size", "loss.temperature"]
     for key in positive:
@@ -276,7 +283,8 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     """A saved config (e.g. from a checkpoint) ← `key=value` overrides; validated."""
     cfg = Config()
     for key, value in _flatten(data):
-        _set(cfg, key, value)
+        if key not in LEGACY_KEYS:
+            _set(cfg, key, value)
     for text in overrides or []:
         _set(cfg, *parse_override(text))
     return validate(cfg)

@@ -18,7 +18,7 @@ import torch.distributed as tdist
 from reid.errors import ReidError
 
 __all__ = [
-    "DistEnv", "init_distributed", "is_initialized", "rank", "world_size", "is_main", "barrier", "destroy",
+    "DistEnv", "select_device", "init_distributed", "is_initialized", "rank", "world_size", "is_main", "barrier", "destroy",
     "sum_across_ranks", "max_across_ranks", "gather_anchors", "gather_rows", "gather_candidates", "gather_objects",
     "broadcast_object",
     "COMM_BYTES", "reset_comm_bytes",
@@ -75,25 +75,33 @@ def _launcher_env() -> tuple[int, int, int] | None:
     return None
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
-    """Join the process group described by torchrun/SLURM (NCCL with CUDA, gloo otherwise).
-
-    device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N"; with CUDA the rank's device is its
-    local rank. World size 1 or no launcher environment → no process group at all.
-    """
-    found = _launcher_env()
-    rank_, local_rank, world = found if found else (0, 0, 1)
+def select_device(device: str = "auto", local_rank: int = 0, world: int = 1) -> torch.device:
+    """The device of this process: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N" (one process; with
+    several ranks each takes its local rank's GPU). ReidError for anything else or for CUDA without a GPU."""
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         raise ReidError(f"device: '{device}' given, expected auto, cpu, cuda or cuda:N")
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
         raise ReidError(f"device: '{device}' given but CUDA is not available, expected cpu or auto")
+    if not use_cuda:
+        return torch.device("cpu")
+    index = int(device.split(":")[1]) if ":" in device and world == 1 else local_rank % torch.cuda.device_count()
+    if index >= torch.cuda.device_count():
+        raise ReidError(f"device: '{device}' given, expected an index below the {torch.cuda.device_count()} GPU(s)")
+    return torch.device("cuda", index)
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Join the process group described by torchrun/SLURM (NCCL with CUDA, gloo otherwise).
+
+    device: see ``select_device``. World size 1 or no launcher environment → no process group at all.
+    """
+    found = _launcher_env()
+    rank_, local_rank, world = found if found else (0, 0, 1)
+    dev = select_device(device, local_rank, world)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
-        index = int(device.split(":")[1]) if ":" in device and world == 1 else local_rank % torch.cuda.device_count()
-        dev = torch.device("cuda", index)
         torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
     backend = None
     if world > 1 and not tdist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
@@ -232,19 +240,6 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     tdist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-@torch.no_grad()
-def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
-    """Make every rank's buffers (BatchNorm running statistics) rank ``src``'s, in place.
-
-    DDP broadcasts buffers only at the start of each forward, so after an epoch each rank's BN statistics
-    carry its own last batch; a memory refresh or an evaluation should use one model, the checkpointed one.
-    """
-    if not is_initialized():
-        return
-    for buffer in module.buffers():
-        tdist.broadcast(buffer, src=src)
 
 
 def gather_candidates(t: torch.Tensor) -> torch.Tensor:

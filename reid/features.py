@@ -20,9 +20,11 @@ def _worker_init(_):
         pass
 
 
-def make_loader(dataset, batch_size: int, workers: int, **kwargs) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, worker_init_fn=_worker_init,
-                      persistent_workers=False, **kwargs)
+def make_loader(dataset, batch_size: int | None, workers: int, **kwargs) -> DataLoader:
+    """A DataLoader with single-threaded workers; ``batch_size=None`` when a ``batch_sampler`` is given."""
+    if batch_size is not None:
+        kwargs["batch_size"] = batch_size
+    return DataLoader(dataset, num_workers=workers, worker_init_fn=_worker_init, persistent_workers=False, **kwargs)
 
 
 @torch.no_grad()

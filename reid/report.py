@@ -40,21 +40,6 @@ def evaluate_model(model, dataset, cfg, device, features: dict | None = None) ->
     return out
 
 
-def mined_positive_precision(train_pids: np.ndarray, rows: np.ndarray, hard_ids, easy_ids) -> np.ndarray:
-    """Diagnostic (labelled data only): [hard hits, hard mined, easy hits, easy mined] — how many mined cross-camera
-    positives truly share the anchor's identity. Computed after the loss; nothing here feeds back into training."""
-    out = np.zeros(4)
-    anchor = train_pids[rows][:, None]
-    for slot, ids in ((0, hard_ids), (2, easy_ids)):
-        if ids is None or ids.numel() == 0:
-            continue
-        ids = ids.cpu().numpy()
-        valid = ids >= 0
-        out[slot] += ((train_pids[np.where(valid, ids, 0)] == anchor) & valid).sum()
-        out[slot + 1] += valid.sum()
-    return out
-
-
 def _finite(value):
     """NaN (e.g. a diagnostic with no qualifying query) → null, so metrics.json stays valid JSON."""
     if isinstance(value, float) and value != value:

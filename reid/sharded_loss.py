@@ -150,7 +150,7 @@ def sharded_ctacl_loss(features, cams, tracklets, row_ids, bank: MemoryBank, *, 
     row_ids: (B_r,) their global memory rows (this rank's). ``exact`` is accepted for the config; only the
     exact grey-zone cut is implemented (it is already O(B·R) bytes per round).
     Returns ``loss`` (backprop it on every rank; scaled for DDP's averaging, see module docstring),
-    ``intra``/``inter``/``cam`` (floats, union-batch means; inter/cam 0 in warm-up) and ``hard_ids``/
+    ``intra``/``inter``/``cam`` (0-dim float64 tensors, union-batch means; inter/cam 0 in warm-up) and ``hard_ids``/
     ``easy_ids`` (B_r, K) global rows of the mined positives, -1 where fewer than K exist.
     """
     hard_k = topk if hard_topk is None else hard_topk
@@ -165,12 +165,16 @@ def sharded_ctacl_loss(features, cams, tracklets, row_ids, bank: MemoryBank, *, 
     empty = torch.empty(b, 0, dtype=torch.long, device=features.device)
 
     if warmup:  # A_i and P_i are on the anchor's own rank: the single-process loss over own rows is exact
-        parts = ctacl_loss_parts(features, cams, tracklets, memory, bank.cams, bank.tracklets,
-                                 temperature=temperature, warmup=True)
-        total = dist.sum_across_ranks(torch.tensor([float(b), float(parts["intra"]) * b], dtype=torch.float64,
-                                                      device=features.device))
-        loss = parts["loss"] * (world * b / float(total[0]))
-        return {"loss": loss, "intra": float(total[1] / total[0]), "inter": 0.0, "cam": 0.0,
+        zero = features.new_zeros((), dtype=torch.float64)
+        if b == 0:  # this rank owns none of the step's images: it still joins every collective
+            own_loss, own_sum = features.sum() * 0.0, zero
+        else:
+            parts = ctacl_loss_parts(features, cams, tracklets, memory, bank.cams, bank.tracklets,
+                                     temperature=temperature, warmup=True)
+            own_loss, own_sum = parts["loss"], parts["intra"].detach().double() * b
+        total = dist.sum_across_ranks(torch.stack([zero + b, own_sum]))
+        loss = own_loss * (world * b / total[0]).to(own_loss.dtype)
+        return {"loss": loss, "intra": total[1] / total[0], "inter": zero, "cam": zero.clone(),
                 "hard_ids": empty, "easy_ids": empty}
 
     inv_t = 1.0 / temperature
@@ -273,7 +277,7 @@ def sharded_ctacl_loss(features, cams, tracklets, row_ids, bank: MemoryBank, *, 
         loss = loss + cam_weight * cam_sum / b_u
     logs = dist.sum_across_ranks(torch.stack([intra_own.double(), cam_sum.detach().double()]))
     hard_ids = torch.where(picked_ok, picked_ids, -1)[own]
-    return {"loss": loss * world, "intra": float(logs[0]) / b_u, "inter": float(per_anchor.mean()),
-            "cam": float(logs[1]) / b_u,
+    return {"loss": loss * world, "intra": logs[0] / b_u, "inter": per_anchor.mean().double(),
+            "cam": logs[1] / b_u,
             "hard_ids": hard_ids[:, :n_hard_cols] if hard_k else empty,
             "easy_ids": hard_ids[:, n_hard_cols:] if easy_k else empty}

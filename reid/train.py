@@ -2,12 +2,13 @@
 
 Read top to bottom: set-up (distributed env, data, camera shards, model, memory bank, optimizer, resume),
 then per epoch: memory fill/refresh, `train_one_epoch`, evaluation points, checkpoint; then the final report.
+World-size invariance (DESIGN §4): the global batch, every image's augmentation and the BatchNorm statistics
+do not depend on the number of ranks, so 1, 2 or 8 ranks train the same model.
 """
 from __future__ import annotations
 
 import os
 import shutil
-import time
 
 import numpy as np
 import torch
@@ -16,16 +17,18 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from reid import dist
+from reid.batchnorm import convert_batchnorm, merge_running_stats
 from reid.config import Config, config_from_dict, config_to_dict, save_config
-from reid.data.images import TrainImages, eval_transform, train_transform
+from reid.data.images import TrainBatch, TrainImages, eval_transform, train_transform
 from reid.data.readers import load_dataset
-from reid.data.sampler import CameraShardSampler, partition_cameras, shard_imbalance
+from reid.data.sampler import GlobalBatchSampler, partition_cameras, shard_imbalance
 from reid.data.synthetic import ensure_synthetic
 from reid.errors import ReidError
 from reid.features import extract_features, make_loader
 from reid.memory import MemoryBank
+from reid.meters import TrainMeter
 from reid.model import build_model
-from reid.report import evaluate_model, mined_positive_precision, write_report
+from reid.report import evaluate_model, write_report
 from reid.sharded_loss import sharded_ctacl_loss
 
 CHECKPOINT = "checkpoint.pt"
@@ -61,18 +64,16 @@ def fill_memory(model, bank: MemoryBank, train, cfg: Config, env) -> None:
     bank.fill(bank.global_ids, feats)
 
 
-def train_one_epoch(model, loader, bank, optimizer, cfg: Config, env, epoch: int, warmup: bool, writer, step0: int,
-                    train_pids: np.ndarray | None) -> dict:
+def train_one_epoch(model, loader, bank: MemoryBank, optimizer, cfg: Config, env, epoch: int, warmup: bool,
+                    meter: TrainMeter) -> dict:
+    """One pass over the epoch's global batches; this rank loads and embeds its cameras' part of each."""
     model.train()
     lc = cfg.loss
-    totals = {"loss": 0.0, "intra": 0.0, "inter": 0.0, "cam": 0.0}
-    precision = np.zeros(4)  # hard hits, hard count, easy hits, easy count (diagnostic: identities never reach the loss)
-    seen, start = 0, time.time()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.amp and env.device.type == "cuda")
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not dist.is_main(), leave=False)
     for step, (images, cams, tracklets, rows) in enumerate(bar):
         images = images.to(env.device, non_blocking=True)
-        cams, tracklets, rows = (t.to(env.device) for t in (cams, tracklets, rows))
+        cams, tracklets, rows = (t.to(env.device, non_blocking=True) for t in (cams, tracklets, rows))
         with autocast:
             features = model(images)
         parts = sharded_ctacl_loss(
@@ -83,29 +84,34 @@ def train_one_epoch(model, loader, bank, optimizer, cfg: Config, env, epoch: int
         parts["loss"].backward()
         optimizer.step()
         bank.update(rows, features.detach().float())  # after the loss, never before it (DESIGN §3)
-
         total = parts["intra"] if warmup else parts["inter"] + lc.cam_weight * parts["cam"]
-        for key, value in (("loss", total), ("intra", parts["intra"]), ("inter", parts["inter"]), ("cam", parts["cam"])):
-            totals[key] += float(value)
-        if train_pids is not None and not warmup:
-            precision += mined_positive_precision(train_pids, rows.cpu().numpy(), parts.get("hard_ids"),
-                                                  parts.get("easy_ids"))
-        seen += images.shape[0]
-        if dist.is_main() and writer is not None and (step % cfg.train.log_every == 0):
-            writer.add_scalar("loss/total", float(total), step0 + step)
-            for key in ("intra", "inter", "cam"):
-                writer.add_scalar(f"loss/{key}", float(parts[key]), step0 + step)
-            bar.set_postfix(loss=f"{float(total):.3f}")
-    n = max(1, len(loader))
-    elapsed = time.time() - start
-    out = {k: v / n for k, v in totals.items()}
-    out["images_per_s_per_rank"] = seen / max(elapsed, 1e-9)
-    precision = dist.sum_across_ranks(torch.tensor(precision, dtype=torch.float64, device=env.device)).cpu().numpy()
-    if precision[1] > 0:
-        out["hard_positive_precision"] = precision[0] / precision[1]
-    if precision[3] > 0:
-        out["easy_positive_precision"] = precision[2] / precision[3]
-    return out
+        shown = meter.update(step, parts, total, rows, warmup)
+        if shown is not None:
+            bar.set_postfix(loss=shown)
+    return meter.summary()
+
+
+def same_batchnorm_statistics(model, cfg: Config, env, own_images: int) -> None:
+    """Make every rank's BatchNorm running statistics the same before a memory fill, an evaluation or a save.
+
+    With BatchNorm over all cameras they already are (every rank normalised the union batch). With per-rank
+    BatchNorm each rank's statistics describe its cameras only: merge them, weighted by the images each rank
+    owns, so that no stored model carries one shard's statistics.
+    """
+    if env.world_size > 1 and cfg.model.batchnorm == "per_rank":
+        merge_running_stats(_unwrap(model), float(own_images))
+
+
+def evaluation_point(name: str, epoch: int, model, dataset, cfg: Config, env, metrics: dict, writer,
+                     features: dict | None = None) -> None:
+    """Evaluate on rank 0 (the others wait), record under ``metrics[name]`` and in TensorBoard at ``epoch``."""
+    if dist.is_main():
+        result = evaluate_model(_unwrap(model), dataset, cfg, env.device, features)
+        metrics[name] = result
+        for key, value in result.items():
+            writer.add_scalar(f"eval/{key}", value, epoch)
+        log(f"[{name}] mAP {100 * result['mAP']:.1f}  R1 {100 * result['rank1']:.1f}")
+    dist.barrier()
 
 
 def save_checkpoint(cfg: Config, model, optimizer, bank: MemoryBank, next_epoch: int, metrics: dict) -> None:
@@ -149,26 +155,36 @@ def _run(cfg: Config, env) -> dict:
     images_per_camera = np.bincount(train.cams, minlength=num_cameras)
     shards = partition_cameras(images_per_camera, env.world_size)
     own = np.flatnonzero(np.isin(train.cams, shards[env.rank]))
-    largest = max(int(images_per_camera[s].sum()) for s in shards)
-    steps = cfg.train.steps_per_epoch or max(1, largest // cfg.train.batch_size)
+    records = train.training_view()  # no identities on the training side
+    # The global batch of every step is drawn without knowing the world size; this rank loads its cameras' part.
+    sampler = GlobalBatchSampler(records.cams, cfg.train.batch_size, cfg.seed, shard_cams=shards[env.rank],
+                                 max_steps=cfg.train.steps_per_epoch)
+    steps = len(sampler)
+    per_rank = sampler.rank_counts(0, shards)
     log(f"{dataset.name}: {len(train)} training images, {num_cameras} cameras, "
         f"{len(np.unique(train.tracklets))} tracklets; {env.world_size} rank(s) on {env.device}, "
-        f"camera-shard imbalance {shard_imbalance(images_per_camera, shards):.3f} (max/mean images per rank), "
-        f"{steps} steps/epoch of {cfg.train.batch_size} images per rank")
+        f"camera-shard imbalance {shard_imbalance(images_per_camera, shards):.3f} (max/mean images per rank)")
+    log(f"global batch {cfg.train.batch_size} images, {steps} steps/epoch; images per rank per step (epoch 0): "
+        + ", ".join(f"rank {r} {per_rank[:, r].min()}-{per_rank[:, r].max()} (mean {per_rank[:, r].mean():.1f})"
+                    for r in range(env.world_size)))
+    if env.world_size > 1 and cfg.model.batchnorm == "per_rank" and per_rank.min() < 2:
+        raise ReidError(f"model.batchnorm=per_rank: a rank gets {per_rank.min()} image(s) at some step of the "
+                        f"global batch {cfg.train.batch_size}, expected at least 2 per rank for per-rank BatchNorm "
+                        "(raise train.batch_size or use model.batchnorm=all_cameras)")
 
     model = build_model(cfg.model).to(env.device)
-    bank = MemoryBank(torch.as_tensor(own), torch.as_tensor(train.cams[own]), torch.as_tensor(train.tracklets[own]),
-                      dim=model.dim, num_cameras=num_cameras, device=env.device,
-                      dtype=torch.bfloat16 if cfg.memory.dtype == "bfloat16" else torch.float32)
-    optimizer = torch.optim.SGD(model.parameter_groups(cfg.train.lr, cfg.train.backbone_lr), lr=cfg.train.lr,
-                                momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay, nesterov=True)
     if env.world_size > 1:
-        if cfg.model.sync_bn:
-            if env.device.type != "cuda":
-                raise ReidError("model.sync_bn=true needs CUDA ranks (torch's SyncBatchNorm is GPU-only); "
-                                "on CPU ranks use model.sync_bn=false")
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        if cfg.model.batchnorm == "all_cameras":  # the union batch's statistics, identical on every rank
+            model = convert_batchnorm(model, env.device)
+        # Buffers are made equal by the BatchNorm itself (or merged, per_rank), not copied from rank 0.
+        model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                    broadcast_buffers=False)
+    bank = MemoryBank(torch.as_tensor(own), torch.as_tensor(train.cams[own]), torch.as_tensor(train.tracklets[own]),
+                      dim=_unwrap(model).dim, num_cameras=num_cameras, device=env.device,
+                      dtype=torch.bfloat16 if cfg.memory.dtype == "bfloat16" else torch.float32)
+    optimizer = torch.optim.SGD(_unwrap(model).parameter_groups(cfg.train.lr, cfg.train.backbone_lr),
+                                lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay,
+                                nesterov=True)
 
     start_epoch, metrics = 0, {}
     ckpt_path = os.path.join(cfg.output_dir, CHECKPOINT)
@@ -183,41 +199,32 @@ def _run(cfg: Config, env) -> dict:
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     writer = SummaryWriter(os.path.join(cfg.output_dir, "tb")) if dist.is_main() else None
 
-    records = train.training_view()  # no identities on the training side
     dataset_images = TrainImages(records.paths, records.cams, records.tracklets,
                                  train_transform(cfg.data.height, cfg.data.width, **vars(cfg.augment)),
                                  skip_corrupt=cfg.data.skip_corrupt)
-    sampler = CameraShardSampler(records.cams, shards[env.rank], cfg.train.batch_size, steps, cfg.seed)
-    loader = make_loader(dataset_images, cfg.train.batch_size, cfg.data.workers, sampler=sampler, drop_last=True,
-                         generator=torch.Generator(), pin_memory=env.device.type == "cuda")
+    loader = make_loader(dataset_images, None, cfg.data.workers, batch_sampler=sampler,
+                         collate_fn=TrainBatch(cfg.data.height, cfg.data.width),
+                         pin_memory=env.device.type == "cuda")
     labelled = cfg.eval.diagnostics and (train.pids >= 0).all()
 
-    def evaluation_point(name: str, epoch: int, features: dict | None = None) -> None:
-        if dist.is_main():
-            result = evaluate_model(_unwrap(model), dataset, cfg, env.device, features)
-            metrics[name] = result
-            for key, value in result.items():
-                writer.add_scalar(f"eval/{key}", value, epoch)
-            log(f"[{name}] mAP {100 * result['mAP']:.1f}  R1 {100 * result['rank1']:.1f}")
-        dist.barrier()
+    def evaluate_at(name: str, epoch: int, features: dict | None = None) -> None:
+        evaluation_point(name, epoch, model, dataset, cfg, env, metrics, writer, features)
 
     if start_epoch == 0 and "untrained" not in metrics:
-        evaluation_point("untrained", 0)
+        evaluate_at("untrained", 0)
     for epoch in range(start_epoch, cfg.train.epochs):
-        # Per-epoch seeds make an interrupted-and-resumed run retrace an uninterrupted one.
-        torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + env.rank)
+        # Per-epoch seeds (no rank term) make a resumed run retrace an uninterrupted one at any world size.
+        torch.manual_seed(cfg.seed * 100_003 + epoch * 101)
         sampler.set_epoch(epoch)
-        loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
         if epoch % cfg.memory.refresh_every == 0:  # otherwise a resumed run continues with the saved memory
-            # Every rank embeds its rows with rank 0's BN statistics — the model a resumed run loads.
-            dist.broadcast_buffers(_unwrap(model))
             fill_memory(_unwrap(model), bank, train, cfg, env)
         lr, backbone_lr = learning_rates(cfg, epoch)
         for group in optimizer.param_groups:
             group["lr"] = backbone_lr if group.get("name") == "backbone" else lr
         warmup = epoch < cfg.train.warmup_epochs
-        stats = train_one_epoch(model, loader, bank, optimizer, cfg, env, epoch, warmup, writer, epoch * steps,
-                                train.pids if labelled else None)
+        meter = TrainMeter(env.device, train.pids if labelled else None, writer, cfg.train.log_every, epoch * steps)
+        stats = train_one_epoch(model, loader, bank, optimizer, cfg, env, epoch, warmup, meter)
+        same_batchnorm_statistics(model, cfg, env, len(own))
         metrics.setdefault("epochs", []).append({"epoch": epoch, "warmup": warmup, **stats})
         if dist.is_main():
             for key, value in stats.items():
@@ -229,14 +236,14 @@ def _run(cfg: Config, env) -> dict:
                 f"intra {stats['intra']:.3f} inter {stats['inter']:.3f} cam {stats['cam']:.3f}  "
                 f"{stats['images_per_s_per_rank']:.0f} img/s/rank{extra}")
         if epoch == cfg.train.warmup_epochs - 1 and cfg.train.warmup_epochs < cfg.train.epochs:
-            evaluation_point("warmup", epoch + 1)
+            evaluate_at("warmup", epoch + 1)
         elif cfg.eval.every and (epoch + 1) % cfg.eval.every == 0 and epoch + 1 < cfg.train.epochs:
-            evaluation_point(f"epoch{epoch + 1}", epoch + 1)
+            evaluate_at(f"epoch{epoch + 1}", epoch + 1)
         save_checkpoint(cfg, model, optimizer, bank, epoch + 1, metrics)
 
     final_features: dict = {}
     if "final" not in metrics:
-        evaluation_point("final", cfg.train.epochs, final_features)
+        evaluate_at("final", cfg.train.epochs, final_features)
     if dist.is_main():
         write_report(_unwrap(model), dataset, cfg, metrics, env.device, final_features)
         writer.close()
@@ -245,11 +252,12 @@ def _run(cfg: Config, env) -> dict:
 
 
 def evaluate_checkpoint(path: str, overrides: list[str]) -> dict:
-    """`reid evaluate`: a checkpoint on its (or an overridden) dataset's query/gallery split."""
+    """`reid evaluate`: a checkpoint on its (or an overridden) dataset's query/gallery split, on the GPU when
+    there is one (config key ``device``)."""
     from reid.model import load_model_from_checkpoint
 
     model, cfg_dict = load_model_from_checkpoint(path)
     cfg = config_from_dict(cfg_dict, overrides)
+    device = dist.select_device(cfg.device)
     dataset = prepare_dataset(cfg)
-    return evaluate_model(model, dataset, cfg, torch.device("cpu"))
-
+    return evaluate_model(model.to(device), dataset, cfg, device)

@@ -107,3 +107,36 @@ def test_skips_in_dataloader_workers_reach_the_caller(files):
     ds = TrainImages(files * 2, [0, 1, 0] * 2, [0, 1, 0] * 2, eval_transform(16, 8), skip_corrupt=True)
     rows = torch.cat([b[3] for b in DataLoader(ds, batch_size=2, num_workers=2)])
     assert sorted(rows.tolist()) == list(range(6)) and ds.skipped == 2
+
+
+def test_an_images_augmentation_depends_on_its_seed_not_on_the_worker_or_the_order(tmp_path):
+    """Issue 10 item 2: the same image with the same (step, position) seed is augmented identically whichever
+    rank or DataLoader worker loads it, whatever that process's own random state."""
+    from reid.data.images import TrainBatch
+
+    paths = []
+    for i in range(4):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (40, 60), (40 * i, 200 - 30 * i, 90)).save(path)
+        paths.append(str(path))
+    ds = TrainImages(paths, [0, 1, 0, 1], [0, 1, 2, 3],
+                     train_transform(32, 16, rotation=10.0, hue=0.1, blur=0.5, erasing=0.5))
+    items = [(row, 1000 + 7 * row) for row in range(4)]
+    torch.manual_seed(123)
+    alone = [ds[item][0] for item in items]
+    torch.manual_seed(999)  # another process state, the reverse order, in two worker processes
+    backwards = items[::-1]
+    reverse = DataLoader(ds, batch_sampler=[backwards[:2], backwards[2:]], num_workers=2,
+                         collate_fn=TrainBatch(32, 16))  # one batch per worker
+    images = torch.cat([batch[0] for batch in reverse]).flip(0)
+    assert all(torch.equal(a, b) for a, b in zip(alone, images))
+    reseeded = [ds[(row, seed + 1)][0] for row, seed in items]
+    assert not any(torch.equal(a, b) for a, b in zip(alone, reseeded))  # the seed does draw the augmentation
+
+
+def test_a_rank_without_images_in_a_step_gets_an_empty_batch_of_the_right_shape():
+    from reid.data.images import TrainBatch
+
+    images, cams, tracklets, rows = TrainBatch(32, 16)([])
+    assert images.shape == (0, 3, 32, 16) and cams.shape == tracklets.shape == rows.shape == (0,)
+    assert rows.dtype == torch.int64

@@ -1,9 +1,9 @@
-"""Camera shards and the camera-shard sampler (DESIGN §4, issue 5 item 1)."""
+"""Camera shards and the global-batch sampler (DESIGN §4: the batch does not depend on the world size)."""
 
 import numpy as np
 import pytest
 
-from reid.data.sampler import CameraShardSampler, partition_cameras, shard_imbalance
+from reid.data.sampler import GlobalBatchSampler, partition_cameras, shard_imbalance
 from reid.errors import ReidError
 
 IMAGES_PER_CAMERA = np.array([50, 10, 30, 0, 25, 25, 40, 5])
@@ -32,33 +32,70 @@ def make_cams():
     return np.repeat(np.arange(len(IMAGES_PER_CAMERA)), IMAGES_PER_CAMERA)
 
 
-def test_sampler_yields_only_the_shards_cameras_and_the_same_steps_on_every_rank():
+def rank_parts(cams, world, batch_size=16, epoch=2, seed=1):
+    """Per rank, the list of (row, seed) pairs of every step."""
+    shards = partition_cameras(IMAGES_PER_CAMERA, world)
+    out = []
+    for shard in shards:
+        sampler = GlobalBatchSampler(cams, batch_size, seed, shard_cams=shard)
+        sampler.set_epoch(epoch)
+        out.append(list(sampler))
+    return out
+
+
+@pytest.mark.parametrize("world", (2, 3, 4))
+def test_ranks_parts_of_each_step_make_up_the_one_process_global_batch(world):
+    cams = make_cams()
+    one = rank_parts(cams, 1)[0]
+    parts = rank_parts(cams, world)
+    assert all(len(p) == len(one) == len(cams) // 16 for p in parts)
+    for step, batch in enumerate(one):
+        union = [pair for p in parts for pair in p[step]]
+        assert sorted(union) == sorted(batch)  # the same rows with the same augmentation seeds
+        assert len(batch) == 16
+
+
+def test_an_epoch_draws_each_image_at_most_once_and_steps_are_images_over_batch_size():
+    cams = make_cams()
+    sampler = GlobalBatchSampler(cams, 16, seed=0)
+    rows = [row for batch in sampler for row, _ in batch]
+    assert len(rows) == len(set(rows)) == (len(cams) // 16) * 16
+    assert len(GlobalBatchSampler(cams, 16, seed=0, max_steps=3)) == 3  # train.steps_per_epoch caps an epoch
+    assert len(GlobalBatchSampler(cams, 16, seed=0, max_steps=99)) == len(cams) // 16
+
+
+def test_every_step_holds_each_cameras_share_of_the_images_within_two():
+    cams = make_cams()
+    sampler = GlobalBatchSampler(cams, 16, seed=4)
+    share = 16 * IMAGES_PER_CAMERA / IMAGES_PER_CAMERA.sum()
+    for epoch in range(3):
+        for step in range(len(sampler)):
+            rows, _ = sampler.global_batch(epoch, step)
+            counts = np.bincount(cams[rows], minlength=len(IMAGES_PER_CAMERA))
+            assert np.all(np.abs(counts - share) < 2.0), (epoch, step, counts, share)
+
+
+def test_each_ranks_part_stays_close_to_its_shards_share():
     cams = make_cams()
     shards = partition_cameras(IMAGES_PER_CAMERA, 3)
-    steps = max(int(IMAGES_PER_CAMERA[s].sum()) for s in shards) // 8
-    lengths = []
-    for shard in shards:
-        sampler = CameraShardSampler(cams, shard, batch_size=8, steps_per_epoch=steps, seed=1)
-        drawn = np.array(list(sampler))
-        assert set(cams[drawn].tolist()) <= set(shard.tolist())
-        lengths.append(len(drawn))
-        assert len(drawn) == len(sampler) == steps * 8
-    assert len(set(lengths)) == 1
+    sampler = GlobalBatchSampler(cams, 16, seed=2)
+    counts = sampler.rank_counts(0, shards)
+    share = 16 * np.array([IMAGES_PER_CAMERA[s].sum() for s in shards]) / IMAGES_PER_CAMERA.sum()
+    assert counts.shape == (len(sampler), 3) and np.all(counts.sum(1) == 16)
+    assert np.all(np.abs(counts - share) < 3.0), (counts, share)
 
 
-def test_sampler_is_reproducible_per_epoch_and_reshuffles_between_epochs():
+def test_draw_is_reproducible_per_epoch_and_reshuffles_between_epochs():
     cams = make_cams()
-    a = CameraShardSampler(cams, np.array([0, 2]), 4, 20, seed=5)
-    b = CameraShardSampler(cams, np.array([0, 2]), 4, 20, seed=5)
+    a, b = GlobalBatchSampler(cams, 8, seed=5), GlobalBatchSampler(cams, 8, seed=5)
     a.set_epoch(3)
     b.set_epoch(3)
     assert list(a) == list(b)
     b.set_epoch(4)
     assert list(a) != list(b)
+    assert list(GlobalBatchSampler(cams, 8, seed=6)) != list(GlobalBatchSampler(cams, 8, seed=5))
 
 
-def test_a_short_shard_is_repeated_each_image_once_per_pass():
-    cams = make_cams()
-    sampler = CameraShardSampler(cams, np.array([7]), batch_size=4, steps_per_epoch=5, seed=0)  # 5 images, 20 draws
-    drawn = np.array(list(sampler))
-    assert np.all(np.bincount(drawn, minlength=len(cams))[cams == 7] == 4)
+def test_a_global_batch_larger_than_the_training_set_is_an_error_naming_the_key():
+    with pytest.raises(ReidError, match=r"train.batch_size.*got 500.*185 training images"):
+        GlobalBatchSampler(make_cams(), 500, seed=0)

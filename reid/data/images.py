@@ -138,9 +138,13 @@ class _ImageFiles(Dataset):
 
 
 class TrainImages(_ImageFiles):
-    """Training images: ``ds[row] -> (image (3,H,W) float, camera int, tracklet int, row int)``.
+    """Training images: ``ds[(row, seed)] -> (image (3,H,W) float, camera int, tracklet int, row int)``.
 
     paths: n paths; cams, tracklets: (n,) int ids (``Split.training_view()``).  No identities.
+    The random augmentation of ``(row, seed)`` is drawn from a generator seeded with ``seed`` (the sampler's
+    function of seed, epoch, step and position in the global batch), so the same image in the same step
+    is augmented the same way whichever rank or DataLoader worker loads it. A bare ``row`` uses the
+    process's own random stream.
     """
 
     def __init__(self, paths, cams, tracklets, transform, skip_corrupt: bool = False):
@@ -151,9 +155,32 @@ class TrainImages(_ImageFiles):
         self.cams = torch.as_tensor(cams, dtype=torch.int64)
         self.tracklets = torch.as_tensor(tracklets, dtype=torch.int64)
 
-    def __getitem__(self, row):
-        row = int(row)
-        return self._image(row), int(self.cams[row]), int(self.tracklets[row]), row
+    def __getitem__(self, item):
+        if isinstance(item, (tuple, list)):
+            row, seed = int(item[0]), int(item[1])
+            with torch.random.fork_rng(devices=[]):  # torchvision's v2 transforms draw from torch's CPU stream
+                torch.manual_seed(seed)
+                image = self._image(row)
+        else:
+            row = int(item)
+            image = self._image(row)
+        return image, int(self.cams[row]), int(self.tracklets[row]), row
+
+
+class TrainBatch:
+    """DataLoader ``collate_fn`` for ``TrainImages``: stacks a (possibly empty) list of samples into
+    ``(images (b, 3, H, W), cams (b,), tracklets (b,), rows (b,))`` — a rank may own none of a step's images."""
+
+    def __init__(self, height: int, width: int):
+        self.height, self.width = height, width
+
+    def __call__(self, samples):
+        if not samples:
+            empty = torch.empty(0, dtype=torch.int64)
+            return torch.empty(0, 3, self.height, self.width), empty, empty.clone(), empty.clone()
+        images, cams, tracklets, rows = zip(*samples)
+        return (torch.stack(images), torch.tensor(cams, dtype=torch.int64),
+                torch.tensor(tracklets, dtype=torch.int64), torch.tensor(rows, dtype=torch.int64))
 
 
 class EvalImages(_ImageFiles):

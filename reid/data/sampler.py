@@ -1,6 +1,8 @@
-"""Camera shards (DESIGN §4): cameras split over ranks by image count, and a sampler over one shard.
+"""Camera shards (DESIGN §4): cameras split over ranks by image count, and the global-batch sampler.
 
 Rank r reads only its cameras' images, so its memory rows, intra-camera terms and hard positives stay local.
+Which images a step trains on does not depend on the number of ranks: the global batch is drawn first and each
+image then goes to the rank that owns its camera.
 """
 
 from __future__ import annotations
@@ -41,34 +43,82 @@ def shard_imbalance(images_per_camera, shards) -> float:
     return float(per_rank.max() / max(per_rank.mean(), 1e-12))
 
 
-class CameraShardSampler(torch.utils.data.Sampler[int]):
-    """Global row indices of this rank's cameras only, ``steps_per_epoch * batch_size`` per epoch.
+class GlobalBatchSampler(torch.utils.data.Sampler[list]):
+    """The global batch of every step, drawn without knowing the world size, and this rank's part of it.
 
-    cams: (N,) camera of every training row; shard_cams: this rank's camera ids. Every rank must be given
-    the same ``steps_per_epoch`` (the caller decides, e.g. from the largest shard) so collectives line
-    up. Shuffled by (seed, epoch): reshuffled passes are concatenated until the epoch is full.
+    ``train.batch_size`` is the global batch (the union over ranks). Each epoch is one pass over all N training
+    images in ``N // batch_size`` steps (``max_steps`` > 0 caps it), stratified by camera: every camera's images
+    are shuffled and spread evenly over the epoch (systematic sampling with a random phase per camera), so each
+    step holds close to ``batch_size · n_c / N`` images of camera c and each rank close to its shard's share.
+    The draw and every image's augmentation seed are functions of (seed, epoch, step, position in the global
+    batch) only, so 1, 2 or 8 ranks train on the same batches augmented the same way (DESIGN §4).
+
+    cams: (N,) camera of every training row; shard_cams: this rank's cameras (None = all, one process).
+    Iterating yields, per step, this rank's ``[(row, augmentation seed), …]`` in global-batch order — possibly
+    an empty list when the shard is small and the batch too (the loss and BatchNorm accept empty parts).
     """
 
-    def __init__(self, cams: np.ndarray, shard_cams: np.ndarray, batch_size: int, steps_per_epoch: int, seed: int):
-        cams = np.asarray(cams).reshape(-1)
-        if batch_size < 1 or steps_per_epoch < 1:
-            raise ReidError(f"CameraShardSampler: batch_size {batch_size} / steps_per_epoch {steps_per_epoch} "
-                            "given, expected both >= 1")
-        self.indices = np.flatnonzero(np.isin(cams, np.asarray(shard_cams)))
-        if self.indices.size == 0:
-            raise ReidError(f"CameraShardSampler: cameras {list(np.asarray(shard_cams))} have no training images, "
-                            "expected a shard with at least one image")
-        self.batch_size, self.steps_per_epoch, self.seed, self.epoch = batch_size, steps_per_epoch, seed, 0
+    def __init__(self, cams: np.ndarray, batch_size: int, seed: int, shard_cams: np.ndarray | None = None,
+                 max_steps: int = 0):
+        self.cams = np.asarray(cams, dtype=np.int64).reshape(-1)
+        n = self.cams.size
+        if batch_size < 1:
+            raise ReidError(f"config key 'train.batch_size': got {batch_size}, expected >= 1")
+        if n < batch_size:
+            raise ReidError(f"config key 'train.batch_size': got {batch_size}, larger than the {n} training images; "
+                            "expected at most one global batch per epoch's images")
+        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+        self.steps = n // batch_size if max_steps <= 0 else min(max_steps, n // batch_size)
+        mine = np.ones(int(self.cams.max()) + 1, dtype=bool)
+        if shard_cams is not None:
+            mine[:] = False
+            mine[np.asarray(shard_cams, dtype=np.int64)] = True
+        self._mine = mine
+        self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self.steps_per_epoch * self.batch_size
+        return self.steps
+
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, augmentation seeds) of the whole epoch in draw order, (N,) each."""
+        if self._cached is None or self._cached[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch, 0x5A3])
+            n = self.cams.size
+            cam_of = self.cams
+            # Shuffle within each camera, then place the k-th of n_c images at (k + u_c) / n_c in [0, 1).
+            shuffled = np.lexsort((rng.random(n), cam_of))  # rows grouped by camera, random order inside
+            counts = np.bincount(cam_of)
+            first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            k = np.arange(n) - first[cam_of[shuffled]]
+            phase = rng.random(counts.size)
+            position = (k + phase[cam_of[shuffled]]) / counts[cam_of[shuffled]]
+            rows = shuffled[np.lexsort((rng.random(n), position))]  # ties (equal positions) in random order
+            seeds = rng.integers(0, 2**62, size=n, dtype=np.int64)
+            self._cached = (epoch, rows, seeds)
+        return self._cached[1], self._cached[2]
+
+    def global_batch(self, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Step ``step``'s global batch: (rows (B,), augmentation seeds (B,)), the same on every rank."""
+        if not 0 <= step < self.steps:
+            raise ReidError(f"GlobalBatchSampler: step {step} asked, expected 0..{self.steps - 1}")
+        rows, seeds = self._epoch_order(epoch)
+        span = slice(step * self.batch_size, (step + 1) * self.batch_size)
+        return rows[span], seeds[span]
+
+    def rank_counts(self, epoch: int, shards: list[np.ndarray]) -> np.ndarray:
+        """(steps, R) images each rank gets at each step of ``epoch`` (for the log and for checks)."""
+        owner = np.zeros(int(self.cams.max()) + 1, dtype=np.int64)
+        for r, shard in enumerate(shards):
+            owner[np.asarray(shard, dtype=np.int64)] = r
+        rows, _ = self._epoch_order(epoch)
+        per_step = owner[self.cams[rows[: self.steps * self.batch_size]]].reshape(self.steps, self.batch_size)
+        return np.stack([(per_step == r).sum(1) for r in range(len(shards))], 1)
 
     def __iter__(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
-        need = len(self)
-        passes = -(-need // self.indices.size)
-        order = np.concatenate([rng.permutation(self.indices) for _ in range(passes)])[:need]
-        return iter(order.tolist())
+        for step in range(self.steps):
+            rows, seeds = self.global_batch(self.epoch, step)
+            keep = self._mine[self.cams[rows]]
+            yield list(zip(rows[keep].tolist(), seeds[keep].tolist()))
