@@ -89,6 +89,7 @@ class TrainConfig:
     lr_step: int = 10              # ×lr_gamma every lr_step epochs
     lr_gamma: float = 0.1
     amp: bool = False              # bf16 autocast on CUDA
+    dtype: str = "float32"         # float64: slow, for exactness checks (README "Same model at any world size")
     resume: bool = True            # resume from output_dir's checkpoint when one exists
     log_every: int = 20
 
@@ -123,6 +124,7 @@ _CHOICES = {
     "model.arch": ARCHS,
     "memory.dtype": ("float32", "bfloat16"),
     "model.batchnorm": ("all_cameras", "per_rank"),
+    "train.dtype": ("float32", "float64"),
 }
 LEGACY_KEYS = ("model.sync_bn",)  # in configs saved by older versions (checkpoints); ignored when read back
 

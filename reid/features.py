@@ -31,16 +31,19 @@ def make_loader(dataset, batch_size: int | None, workers: int, **kwargs) -> Data
 def extract_features(model: torch.nn.Module, paths: list[str], transform, *, batch_size: int = 256,
                      device: torch.device | str = "cpu", workers: int = 0, flip: bool = False,
                      skip_corrupt: bool = False, progress: str | None = None) -> torch.Tensor:
-    """Embed `paths` → (n, D) float32 on `device`, L2-normalised; `flip` averages each image with its mirror."""
+    """Embed `paths` → (n, D) on `device`, L2-normalised, float32 (float64 for a float64 model); `flip` averages
+    each image with its mirror."""
     was_training = model.training
     model.eval()
+    dtype = next(model.parameters()).dtype  # float32, or float64 for the exactness checks
+    out_dtype = torch.promote_types(dtype, torch.float32)
     loader = make_loader(EvalImages(paths, transform, skip_corrupt=skip_corrupt), batch_size, workers)
     chunks = []
     for images, _ in tqdm(loader, desc=progress, disable=progress is None, leave=False):
-        images = images.to(device, non_blocking=True)
-        feats = model(images).float()
+        images = images.to(device, dtype, non_blocking=True)
+        feats = model(images).to(out_dtype)
         if flip:
-            feats = feats + model(torch.flip(images, dims=[3])).float()
+            feats = feats + model(torch.flip(images, dims=[3])).to(out_dtype)
         chunks.append(F.normalize(feats, dim=1))
     model.train(was_training)
     if not chunks:

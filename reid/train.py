@@ -32,6 +32,14 @@ from reid.report import evaluate_model, write_report
 from reid.sharded_loss import sharded_ctacl_loss
 
 CHECKPOINT = "checkpoint.pt"
+TRAIN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def memory_dtype(cfg: Config) -> torch.dtype:
+    """Memory rows: bf16 when asked, float64 with a float64 model (the exactness checks), else fp32."""
+    if cfg.train.dtype == "float64":
+        return torch.float64
+    return torch.bfloat16 if cfg.memory.dtype == "bfloat16" else torch.float32
 
 
 def log(*args) -> None:
@@ -69,21 +77,22 @@ def train_one_epoch(model, loader, bank: MemoryBank, optimizer, cfg: Config, env
     """One pass over the epoch's global batches; this rank loads and embeds its cameras' part of each."""
     model.train()
     lc = cfg.loss
+    dtype = TRAIN_DTYPES[cfg.train.dtype]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.amp and env.device.type == "cuda")
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not dist.is_main(), leave=False)
     for step, (images, cams, tracklets, rows) in enumerate(bar):
-        images = images.to(env.device, non_blocking=True)
+        images = images.to(env.device, dtype, non_blocking=True)
         cams, tracklets, rows = (t.to(env.device, non_blocking=True) for t in (cams, tracklets, rows))
         with autocast:
             features = model(images)
         parts = sharded_ctacl_loss(
-            features.float(), cams, tracklets, rows, bank, temperature=lc.temperature, topk=lc.topk,
+            features.to(dtype), cams, tracklets, rows, bank, temperature=lc.temperature, topk=lc.topk,
             grey_zone=lc.grey_zone, cam_weight=lc.cam_weight, warmup=warmup, exact=lc.exact,
             hard_topk=lc.topk if lc.hard_positives else 0, easy_topk=lc.topk if lc.easy_positives else 0)
         optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
         optimizer.step()
-        bank.update(rows, features.detach().float())  # after the loss, never before it (DESIGN §3)
+        bank.update(rows, features.detach().to(dtype))  # after the loss, never before it (DESIGN §3)
         total = parts["intra"] if warmup else parts["inter"] + lc.cam_weight * parts["cam"]
         shown = meter.update(step, parts, total, rows, warmup)
         if shown is not None:
@@ -172,7 +181,7 @@ def _run(cfg: Config, env) -> dict:
                         f"global batch {cfg.train.batch_size}, expected at least 2 per rank for per-rank BatchNorm "
                         "(raise train.batch_size or use model.batchnorm=all_cameras)")
 
-    model = build_model(cfg.model).to(env.device)
+    model = build_model(cfg.model).to(env.device, TRAIN_DTYPES[cfg.train.dtype])
     if env.world_size > 1:
         if cfg.model.batchnorm == "all_cameras":  # the union batch's statistics, identical on every rank
             model = convert_batchnorm(model, env.device)
@@ -181,7 +190,7 @@ def _run(cfg: Config, env) -> dict:
                     broadcast_buffers=False)
     bank = MemoryBank(torch.as_tensor(own), torch.as_tensor(train.cams[own]), torch.as_tensor(train.tracklets[own]),
                       dim=_unwrap(model).dim, num_cameras=num_cameras, device=env.device,
-                      dtype=torch.bfloat16 if cfg.memory.dtype == "bfloat16" else torch.float32)
+                      dtype=memory_dtype(cfg))
     optimizer = torch.optim.SGD(_unwrap(model).parameter_groups(cfg.train.lr, cfg.train.backbone_lr),
                                 lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay,
                                 nesterov=True)

@@ -43,8 +43,10 @@ def shard_rows(cams, world: int, rank: int) -> np.ndarray:
     return np.flatnonzero(np.isin(cams.numpy(), shards[rank]))
 
 
-def anchor_rows(own: np.ndarray, rank: int) -> torch.Tensor:
-    return torch.as_tensor(np.random.default_rng([7, rank]).choice(own, BATCH, replace=False))
+def anchor_rows(own: np.ndarray, rank: int, world: int = 1) -> torch.Tensor:
+    """BATCH anchors of the rank's own rows; the last of 4 ranks gets none (a step may give a rank no images)."""
+    size = 0 if world == 4 and rank == 3 else BATCH
+    return torch.as_tensor(np.random.default_rng([7, rank]).choice(own, size, replace=False), dtype=torch.long)
 
 
 def _bank(own, memory, cams, tracklets):
@@ -67,7 +69,7 @@ def _worker(rank: int, world: int, port: int, outdir: str, load_from, save_to):
     memory, cams, tracklets, features = problem()
     own = shard_rows(cams, world, rank)
     bank = _bank(own, memory, cams, tracklets)
-    rows = anchor_rows(own, rank)
+    rows = anchor_rows(own, rank, world)
     out["rows"] = rows
 
     # 1. loss and per-anchor gradient in every mode (fixed features)
@@ -107,7 +109,7 @@ def _worker(rank: int, world: int, port: int, outdir: str, load_from, save_to):
         memory_n, cams_n, tracklets_n, features_n = problem(seed=1, rows=n)
         own_n = shard_rows(cams_n, world, rank)
         bank_n = _bank(own_n, memory_n, cams_n, tracklets_n)
-        rows_n = anchor_rows(own_n, rank)
+        rows_n = anchor_rows(own_n, rank, world)
         bank_n.camera_rows()  # once per bank's life, not per step
         dist.reset_comm_bytes()
         f = features_n[rows_n].clone().requires_grad_()

@@ -56,26 +56,31 @@ def torchrun(nproc: int, overrides: list[str], timeout: int = 300) -> subprocess
 
 INVARIANCE = ["train.epochs=2", "train.warmup_epochs=1", "train.steps_per_epoch=4", "train.batch_size=12",
               "augment.rotation=5", "augment.hue=0.05", "augment.blur=0.3"]  # every random augmentation on
-MODEL_TOLERANCE = 2e-4  # max |difference| of any parameter / BN buffer / memory entry; float summation order
-METRIC_TOLERANCE = 1e-3
+# float64 separates the implementation from float32 rounding. In float32 the 1e-7 differences of another summation
+# order are amplified by the non-smooth parts of the network (near-ties of ReLU and max-pooling reroute gradients):
+# runs drift apart by ~1e-3 after one step and more after each (README "Same model at any world size").
+FLOAT64_TOLERANCE = 1e-9  # max |difference| of any parameter / BN buffer / memory entry after 8 steps
+FLOAT32_TOLERANCE = 3e-3  # the same after one float32 step (measured 6e-4 with 4 ranks)
 
 
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory):
-    """The same config trained uninterrupted on 1, 2 and 4 ranks, and from a 2-rank epoch-1 checkpoint resumed
-    on 1 and 4 ranks (memory saved by global row id)."""
+    """The same config trained uninterrupted on 1, 2 and 4 ranks (float64), from a 2-rank epoch-1 checkpoint
+    resumed on 1 and 4 ranks (memory saved by global row id), and one float32 step on 1 and 4 ranks."""
     tmp = tmp_path_factory.mktemp("worlds")
     base = TINY + [f"data.root={tmp / 'synth'}"] + INVARIANCE
     runs, logs = {}, {}
     for ranks in (1, 2, 4):
         runs[ranks] = tmp / f"r{ranks}"
-        logs[ranks] = torchrun(ranks, base + [f"output_dir={runs[ranks]}"]).stdout
-    torchrun(2, base + [f"output_dir={tmp / 'half'}", "train.epochs=1"])
+        logs[ranks] = torchrun(ranks, base + ["train.dtype=float64", f"output_dir={runs[ranks]}"]).stdout
+    torchrun(2, base + ["train.dtype=float64", f"output_dir={tmp / 'half'}", "train.epochs=1"])
     for ranks in (1, 4):
-        out = tmp / f"from2to{ranks}"
+        out = runs[f"from2to{ranks}"] = tmp / f"from2to{ranks}"
         shutil.copytree(tmp / "half", out)
-        logs[f"from2to{ranks}"] = torchrun(ranks, base + [f"output_dir={out}"]).stdout
-        runs[f"from2to{ranks}"] = out
+        logs[f"from2to{ranks}"] = torchrun(ranks, base + ["train.dtype=float64", f"output_dir={out}"]).stdout
+    for ranks in (1, 4):
+        out = runs[f"float32 r{ranks}"] = tmp / f"float32_r{ranks}"
+        torchrun(ranks, base + ["train.epochs=1", "train.steps_per_epoch=1", f"output_dir={out}"])
     return runs, logs
 
 
@@ -85,8 +90,9 @@ def trained_state(run) -> dict:
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
     shards = [torch.load(p, weights_only=True) for p in sorted((run / ckpt["memory_dir"]).glob("memory_rank*.pt"))]
     ids = torch.cat([s["global_ids"] for s in shards])
-    memory = torch.empty(len(ids), shards[0]["rows"].shape[1])
-    memory[ids] = torch.cat([s["rows"] for s in shards]).float()
+    rows = torch.cat([s["rows"] for s in shards])
+    memory = torch.empty_like(rows)
+    memory[ids] = rows
     state["memory rows"] = memory
     return state
 
@@ -103,8 +109,14 @@ def test_one_two_and_four_ranks_train_the_same_model_and_memory(worlds, run):
     reference, other = trained_state(runs[1]), trained_state(runs[run])
     assert any("running_mean" in k for k in reference)  # BatchNorm buffers are compared too
     difference, where = largest_difference(reference, other)
-    assert difference <= MODEL_TOLERANCE, (difference, where)
+    assert difference <= FLOAT64_TOLERANCE, (difference, where)
     assert f"{run if isinstance(run, int) else run[-1]} rank(s)" in logs[run]
+
+
+def test_float32_training_on_four_ranks_follows_one_rank_within_rounding(worlds):
+    runs, _ = worlds
+    difference, where = largest_difference(trained_state(runs["float32 r1"]), trained_state(runs["float32 r4"]))
+    assert difference <= FLOAT32_TOLERANCE, (difference, where)
 
 
 @pytest.mark.parametrize("run", [2, 4, "from2to1", "from2to4"])
@@ -113,11 +125,13 @@ def test_one_two_and_four_ranks_give_the_same_losses_and_evaluation(worlds, run)
     reference = json.loads((runs[1] / "metrics.json").read_text())
     other = json.loads((runs[run] / "metrics.json").read_text())
     for key in ("warmup", "final") if isinstance(run, int) else ("final",):
-        for metric in ("mAP", "rank1", "rank5"):
-            assert abs(reference[key][metric] - other[key][metric]) <= METRIC_TOLERANCE, (key, metric)
-    for mine, theirs in zip(reference["epochs"], other["epochs"]):
-        for part in ("loss", "intra", "inter", "cam"):
-            assert abs(mine[part] - theirs[part]) <= 1e-4 * max(1.0, abs(mine[part])), (mine["epoch"], part)
+        for metric in ("mAP", "rank1", "rank5", "rank10"):
+            assert abs(reference[key][metric] - other[key][metric]) <= 1e-9, (key, metric)
+    for mine, theirs in zip(reference["epochs"], other["epochs"], strict=True):
+        for part in ("loss", "intra", "inter", "cam", "hard_positive_precision", "easy_positive_precision"):
+            assert (mine.get(part) is None) == (theirs.get(part) is None), part
+            if part in mine:
+                assert abs(mine[part] - theirs[part]) <= 1e-9 * max(1.0, abs(mine[part])), (mine["epoch"], part)
 
 
 def test_the_log_names_the_global_batch_and_each_ranks_share(worlds):
