@@ -1,10 +1,10 @@
-"""Which BatchNorm under camera shards: plain per-rank BN (each rank normalises over its own cameras only) vs
-BN over all cameras.
+"""Which BatchNorm under camera shards: BN over all cameras (the default) vs per-rank BN (each rank normalises
+its own cameras; running statistics merged over ranks before every fill, evaluation and save).
 
-Trains the synthetic config with R torchrun ranks and per-rank BN, then the same images per step with BN statistics
-over every camera: R ranks with `model.sync_bn=true` where CUDA is available (torch's SyncBatchNorm is GPU-only),
-otherwise one process with an R× batch and the same number of steps. Prints final mAP / Rank-1, same- vs
-cross-camera Rank-1 and images/s per rank; writes JSON.
+Trains the synthetic config twice with R torchrun ranks — the same global batches, augmentations and seed — with
+`model.batchnorm=all_cameras` (SyncBatchNorm on CUDA, the all-reduce BatchNorm on CPU ranks) and
+`model.batchnorm=per_rank`. Prints final mAP / Rank-1, same- vs cross-camera Rank-1 and images/s per rank; writes
+JSON.
 
     python benchmarks/batchnorm.py --ranks 2 train.epochs=6
 """
@@ -18,15 +18,15 @@ import sys
 import time
 
 
-def run(name: str, ranks: int, sync_bn: bool, out: str, config: str, overrides: list[str]) -> dict:
+def run(name: str, ranks: int, batchnorm: str, out: str, config: str, overrides: list[str]) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // ranks)), OMP_WAIT_POLICY="PASSIVE")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m", "reid",
-           "train", "--config", config, *overrides, f"model.sync_bn={str(sync_bn).lower()}", f"output_dir={out}"]
+           "train", "--config", config, *overrides, f"model.batchnorm={batchnorm}", f"output_dir={out}"]
     start = time.time()
     subprocess.run(cmd, check=True, env=env)
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     speed = [e["images_per_s_per_rank"] for e in metrics.get("epochs", [])]
-    return {"name": name, "ranks": ranks, "sync_bn": sync_bn, "wall_s": time.time() - start, **metrics["final"],
+    return {"name": name, "ranks": ranks, "batchnorm": batchnorm, "wall_s": time.time() - start, **metrics["final"],
             "warmup_mAP": metrics.get("warmup", {}).get("mAP"),
             "images_per_s_per_rank": sum(speed) / max(1, len(speed))}
 
@@ -39,28 +39,8 @@ def main() -> int:
     p.add_argument("--json", default="benchmarks/results/batchnorm.json")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
-    import torch
-
-    from reid.config import load_config
-    from reid.data.readers import load_dataset
-    from reid.data.sampler import partition_cameras
-    from reid.data.synthetic import ensure_synthetic
-
-    cfg = load_config(args.config, args.overrides)
-    ensure_synthetic(cfg.data.root, cfg.synth)
-    cams = load_dataset("veri776", cfg.data.root).train.cams
-    counts = torch.bincount(torch.as_tensor(cams)).numpy()
-    steps = cfg.train.steps_per_epoch or max(int(counts[s].sum()) for s in partition_cameras(counts, args.ranks)) \
-        // cfg.train.batch_size
-    rows = [run(f"{args.ranks} ranks, per-rank BN (own cameras)", args.ranks, False,
-                os.path.join(args.out, "per_rank_bn"), args.config, args.overrides + [f"train.steps_per_epoch={steps}"])]
-    if torch.cuda.is_available():
-        rows.append(run(f"{args.ranks} ranks, SyncBN", args.ranks, True, os.path.join(args.out, "sync_bn"),
-                        args.config, args.overrides + [f"train.steps_per_epoch={steps}"]))
-    else:
-        rows.append(run("1 process, BN over all cameras", 1, False, os.path.join(args.out, "all_camera_bn"),
-                        args.config, args.overrides + [f"train.steps_per_epoch={steps}",
-                                                       f"train.batch_size={cfg.train.batch_size * args.ranks}"]))
+    rows = [run(f"{args.ranks} ranks, {mode} BN", args.ranks, mode, os.path.join(args.out, mode), args.config,
+                args.overrides) for mode in ("all_cameras", "per_rank")]
     print(f"\n{'':<34} | mAP | R1 | same-cam R1 | cross-cam R1 | img/s/rank | wall s")
     for r in rows:
         name = r["name"]
