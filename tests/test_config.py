@@ -34,6 +34,9 @@ def test_public_contract_keys_exist(key):
     ("augment.hue=0.7", ["augment.hue", "0.7", "0.5"]),
     ("augment.rotation=-5", ["augment.rotation", ">= 0"]),
     ("train", ["key=value"]),
+    ("model.batchnorm=sync", ["model.batchnorm", "sync", "all_cameras", "per_rank"]),
+    ("device=gpu0", ["device", "gpu0", "cuda:N"]),
+    ("train.dtype=float16", ["train.dtype", "float16", "float64"]),
 ])
 def test_bad_override_is_one_line_naming_key_given_and_allowed(override, words):
     with pytest.raises(ReidError) as err:
@@ -70,3 +73,12 @@ def test_round_trip_through_a_dict():
 def test_shipped_configs_load():
     for name in ("synthetic", "veri776", "veriwild"):
         load_config(f"configs/{name}.yaml")
+
+
+def test_cuda_with_an_index_is_a_valid_device_and_old_checkpoint_configs_still_load():
+    from reid.config import config_from_dict, config_to_dict
+
+    assert load_config(None, ["device=cuda:1"]).device == "cuda:1"
+    saved = config_to_dict(load_config(None, []))
+    saved["model"]["sync_bn"] = False  # written by versions before model.batchnorm
+    assert config_from_dict(saved).model.batchnorm == "all_cameras"

@@ -78,6 +78,9 @@ def worlds(tmp_path_factory):
         out = runs[f"from2to{ranks}"] = tmp / f"from2to{ranks}"
         shutil.copytree(tmp / "half", out)
         logs[f"from2to{ranks}"] = torchrun(ranks, base + ["train.dtype=float64", f"output_dir={out}"]).stdout
+    runs["per_rank"] = tmp / "per_rank"
+    logs["per_rank"] = torchrun(2, base + ["train.dtype=float64", "model.batchnorm=per_rank",
+                                           f"output_dir={runs['per_rank']}"]).stdout
     for ranks in (1, 4):
         out = runs[f"float32 r{ranks}"] = tmp / f"float32_r{ranks}"
         torchrun(ranks, base + ["train.epochs=1", "train.steps_per_epoch=1", f"output_dir={out}"])
@@ -132,6 +135,16 @@ def test_one_two_and_four_ranks_give_the_same_losses_and_evaluation(worlds, run)
             assert (mine.get(part) is None) == (theirs.get(part) is None), part
             if part in mine:
                 assert abs(mine[part] - theirs[part]) <= 1e-9 * max(1.0, abs(mine[part])), (mine["epoch"], part)
+
+
+def test_per_rank_batchnorm_trains_to_the_end_and_is_another_recipe(worlds):
+    """model.batchnorm=per_rank normalises each shard on its own, so 2 ranks train another model than BN over all
+    cameras (the merge of its running statistics is pinned in tests/test_batchnorm.py)."""
+    runs, _ = worlds
+    per_rank, union = trained_state(runs["per_rank"]), trained_state(runs[2])
+    assert largest_difference(per_rank, union)[0] > 1e-3
+    metrics = json.loads((runs["per_rank"] / "metrics.json").read_text())
+    assert 0.0 < metrics["final"]["mAP"] <= 1.0
 
 
 def test_the_log_names_the_global_batch_and_each_ranks_share(worlds):
