@@ -7,6 +7,7 @@ do not depend on the number of ranks, so 1, 2 or 8 ranks train the same model.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 
@@ -142,6 +143,12 @@ def save_checkpoint(cfg: Config, model, optimizer, bank: MemoryBank, next_epoch:
     dist.barrier()
 
 
+# BatchNorm buffers are made equal by the BatchNorm itself (or merged, per_rank), not copied from rank 0 at every
+# forward. Newer torch names the switch forward_sync_buffers (broadcast_buffers is deprecated there).
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})
+
+
 def _unwrap(model):
     return model.module if isinstance(model, DDP) else model
 
@@ -176,18 +183,18 @@ def _run(cfg: Config, env) -> dict:
     log(f"global batch {cfg.train.batch_size} images, {steps} steps/epoch; images per rank per step (epoch 0): "
         + ", ".join(f"rank {r} {per_rank[:, r].min()}-{per_rank[:, r].max()} (mean {per_rank[:, r].mean():.1f})"
                     for r in range(env.world_size)))
-    if env.world_size > 1 and cfg.model.batchnorm == "per_rank" and per_rank.min() < 2:
-        raise ReidError(f"model.batchnorm=per_rank: a rank gets {per_rank.min()} image(s) at some step of the "
-                        f"global batch {cfg.train.batch_size}, expected at least 2 per rank for per-rank BatchNorm "
-                        "(raise train.batch_size or use model.batchnorm=all_cameras)")
+    if env.world_size > 1 and cfg.model.batchnorm == "per_rank":
+        fewest = min(int(sampler.rank_counts(e, shards).min()) for e in range(cfg.train.epochs))
+        if fewest < 2:
+            raise ReidError(f"model.batchnorm=per_rank: a rank gets {fewest} image(s) at some step of the global "
+                            f"batch {cfg.train.batch_size}, expected at least 2 per rank for per-rank BatchNorm "
+                            "(raise train.batch_size or use model.batchnorm=all_cameras)")
 
     model = build_model(cfg.model).to(env.device, TRAIN_DTYPES[cfg.train.dtype])
     if env.world_size > 1:
         if cfg.model.batchnorm == "all_cameras":  # the union batch's statistics, identical on every rank
             model = convert_batchnorm(model, env.device)
-        # Buffers are made equal by the BatchNorm itself (or merged, per_rank), not copied from rank 0.
-        model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                    broadcast_buffers=False)
+        model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None, **_NO_BUFFER_SYNC)
     bank = MemoryBank(torch.as_tensor(own), torch.as_tensor(train.cams[own]), torch.as_tensor(train.tracklets[own]),
                       dim=_unwrap(model).dim, num_cameras=num_cameras, device=env.device,
                       dtype=memory_dtype(cfg))
