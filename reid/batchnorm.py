@@ -2,7 +2,8 @@
 
 Training is camera-sharded, so a plain BatchNorm would normalise each rank's cameras on their own and the model
 would depend on the world size. ``AllReduceBatchNorm`` normalises with the mean and variance of the union batch on
-any device and any backend (torch's ``SyncBatchNorm`` is CUDA-only); ``convert_batchnorm`` picks one of the two.
+any device and any backend, with uneven or empty local batches (torch's ``SyncBatchNorm`` is CUDA-only and, under
+bf16 autocast, mixes dtypes when a rank is empty); ``convert_batchnorm`` puts it in place of every BatchNorm.
 ``merge_running_stats`` serves the other option, per-rank BatchNorm: it merges the ranks' running statistics once.
 With one process everything here equals plain BatchNorm: the collectives of ``reid.dist`` are the identity.
 """
@@ -28,10 +29,11 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)  # never accumulate sums in half precision
 
 
-def union_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def union_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of the union over ranks of x (N_r, C, *); one all-reduce.
 
-    Returns ``(mean (C,), var (C,), count)`` in float64, count = Σ_r N_r·∏* (values per channel). Each rank
+    Returns ``(mean (C,), var (C,), count ())`` in float64, count = Σ_r N_r·∏* (values per channel), all on
+    x's device: nothing is copied to the host, so a CUDA step does not wait here. Each rank
     fills its row of a (world, 1 + 2C) table with (count, local mean, local Σ squared deviations) and the rows
     are combined with Chan's parallel-variance formula, which unlike Σx² − (Σx)²/n does not cancel.
     An empty x (N_r = 0) contributes a zero row and still joins the collective.
@@ -45,10 +47,10 @@ def union_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         table[dist.rank()] = torch.cat([mean.new_tensor([n]), mean, var * n]).double()
     table = dist.sum_across_ranks(table)
     counts, means, m2 = table[:, :1], table[:, 1:1 + c], table[:, 1 + c:]
-    count = float(counts.sum())
-    mean = (counts * means).sum(0) / max(count, 1.0)
-    var = (m2.sum(0) + (counts * (means - mean) ** 2).sum(0)) / max(count, 1.0)
-    return mean, var, int(count)
+    count = counts.sum()
+    mean = (counts * means).sum(0) / count.clamp(min=1.0)
+    var = (m2.sum(0) + (counts * (means - mean) ** 2).sum(0)) / count.clamp(min=1.0)
+    return mean, var, count
 
 
 class _UnionBatchNorm(torch.autograd.Function):
@@ -113,10 +115,14 @@ class AllReduceBatchNorm(_BatchNorm):
             no_running = self.running_mean is None and self.running_var is None
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 no_running, 0.0, self.eps)
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()  # as autocast runs batch_norm: statistics and normalisation in float32
         mean, var, count = union_stats(x)
-        if count <= 1:  # every rank sees the same count, so every rank raises and none waits
-            raise ReidError(f"AllReduceBatchNorm: expected more than 1 value per channel when training, got {count} "
-                            f"over all ranks (input of shape {tuple(x.shape)} on rank {dist.rank()})")
+        # Every rank sees the same count, so every rank raises and none waits. Checked on the CPU only, where it
+        # costs no device-to-host copy; config validation keeps the global batch >= 2 everywhere.
+        if x.device.type == "cpu" and count <= 1:
+            raise ReidError("AllReduceBatchNorm: expected more than 1 value per channel when training, got "
+                            f"{int(count)} over all ranks (input of shape {tuple(x.shape)} on rank {dist.rank()})")
         if self.track_running_stats and self.running_mean is not None:
             self._update_running_stats(mean, var * count / (count - 1))
         return _UnionBatchNorm.apply(x, self.weight, self.bias, mean, torch.rsqrt(var + self.eps), count)
@@ -132,14 +138,14 @@ class AllReduceBatchNorm(_BatchNorm):
         self.running_var.mul_(1 - factor).add_(unbiased_var.to(self.running_var.dtype), alpha=factor)
 
 
-def convert_batchnorm(module: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
-    """Every BatchNorm in module → SyncBatchNorm on a CUDA device, else AllReduceBatchNorm (recursively).
+def convert_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Every BatchNorm (SyncBatchNorm included) in module → AllReduceBatchNorm, recursively, on any device.
 
+    One implementation on CPU (gloo) and GPU (NCCL): it accepts uneven and empty local batches, also under bf16
+    autocast, where torch's SyncBatchNorm lets an empty rank send bf16 statistics while the others send fp32.
     The new layers hold the same Parameter objects (requires_grad flags and optimizer groups stay valid) and the
     same running-statistics buffers, keep training/eval mode, and have the original state_dict keys.
     """
-    if torch.device(device).type == "cuda":
-        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
     out = module
     if isinstance(module, _BatchNorm) and not isinstance(module, AllReduceBatchNorm):
         out = AllReduceBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
@@ -150,7 +156,7 @@ def convert_batchnorm(module: torch.nn.Module, device: torch.device | str) -> to
             out.register_buffer(name, getattr(module, name))
         out.train(module.training)
     for name, child in module.named_children():
-        out.add_module(name, convert_batchnorm(child, device))
+        out.add_module(name, convert_batchnorm(child))
     return out
 
 

@@ -198,11 +198,17 @@ def validate(cfg: Config) -> Config:
             raise ReidError(f"config key '{key}': got {value!r}, expected one of {', '.join(allowed)}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise ReidError(f"config key 'device': got {cfg.device!r}, expected auto, cpu, cuda or cuda:N")
+    if cfg.train.dtype == "float64" and cfg.train.amp:
+        raise ReidError("config keys 'train.dtype' / 'train.amp': float64 with bf16 autocast given, "
+                        "expected train.amp=false with train.dtype=float64")
     positive = ["train.epochs", "train.batch_size", "data.height", "data.width", "memory.refresh_every",
                 "eval.batch_size", "loss.temperature"]
     for key in positive:
         if get(cfg, key) <= 0:
             raise ReidError(f"config key '{key}': got {get(cfg, key)!r}, expected a positive value")
+    if cfg.train.batch_size < 2:
+        raise ReidError(f"config key 'train.batch_size': got {cfg.train.batch_size!r}, expected at least 2 "
+                        "(the global batch; BatchNorm needs more than one image)")
     non_negative = ["train.warmup_epochs", "train.steps_per_epoch", "data.workers", "loss.topk", "loss.cam_weight",
                     "train.lr", "train.backbone_lr", "eval.every"]
     for key in non_negative:

@@ -193,7 +193,7 @@ def _run(cfg: Config, env) -> dict:
     model = build_model(cfg.model).to(env.device, TRAIN_DTYPES[cfg.train.dtype])
     if env.world_size > 1:
         if cfg.model.batchnorm == "all_cameras":  # the union batch's statistics, identical on every rank
-            model = convert_batchnorm(model, env.device)
+            model = convert_batchnorm(model)
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None, **_NO_BUFFER_SYNC)
     bank = MemoryBank(torch.as_tensor(own), torch.as_tensor(train.cams[own]), torch.as_tensor(train.tracklets[own]),
                       dim=_unwrap(model).dim, num_cameras=num_cameras, device=env.device,

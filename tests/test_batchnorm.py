@@ -290,14 +290,14 @@ def tiny_model() -> torch.nn.Sequential:
     return model
 
 
-def test_convert_batchnorm_on_cpu_gives_all_reduce_batchnorm_with_the_same_parameters_buffers_and_keys():
+def test_convert_batchnorm_gives_all_reduce_batchnorm_with_the_same_parameters_buffers_and_keys():
     model = tiny_model()
     params = dict(model.named_parameters())
     flags = {k: p.requires_grad for k, p in params.items()}
     state = {k: v.clone() for k, v in model.state_dict().items()}
     plain_out = model.eval()(torch.ones(2, 3, 4, 4))
     model.train()[5].eval()
-    converted = convert_batchnorm(model, "cpu")
+    converted = convert_batchnorm(model)
     assert [type(m) for m in converted] == [torch.nn.Conv2d, AllReduceBatchNorm, torch.nn.ReLU, torch.nn.Flatten,
                                             torch.nn.Linear, AllReduceBatchNorm]
     assert list(dict(converted.named_parameters())) == list(params) and len(params) == 8
@@ -310,9 +310,20 @@ def test_convert_batchnorm_on_cpu_gives_all_reduce_batchnorm_with_the_same_param
     assert_close(converted.eval()(torch.ones(2, 3, 4, 4)).detach(), plain_out.detach())
 
 
-def test_convert_batchnorm_on_a_cuda_device_gives_sync_batchnorm_with_the_same_parameters():
-    model = tiny_model()
+def test_convert_batchnorm_also_replaces_sync_batchnorm_keeping_its_parameters():
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(tiny_model())
     weight = model[1].weight
-    converted = convert_batchnorm(model, torch.device("cuda", 0))  # building the layers needs no GPU
-    assert type(converted[1]) is type(converted[5]) is torch.nn.SyncBatchNorm
+    converted = convert_batchnorm(model)
+    assert type(converted[1]) is type(converted[5]) is AllReduceBatchNorm
     assert converted[1].weight is weight and not converted[5].bias.requires_grad
+
+
+def test_half_precision_input_is_normalised_in_float32_like_autocast_batch_norm():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, 4)
+    plain, ours = torch.nn.BatchNorm2d(3), AllReduceBatchNorm(3)
+    out = ours(x.bfloat16())
+    assert out.dtype == torch.float32
+    assert_close(out.detach(), plain(x.bfloat16().float()).detach(), tol=1e-5)
+    assert torch.allclose(ours.running_mean, plain.running_mean) and torch.allclose(ours.running_var, plain.running_var)
+
