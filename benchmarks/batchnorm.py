@@ -2,7 +2,7 @@
 its own cameras; running statistics merged over ranks before every fill, evaluation and save).
 
 Trains the synthetic config twice with R torchrun ranks — the same global batches, augmentations and seed — with
-`model.batchnorm=all_cameras` (SyncBatchNorm on CUDA, the all-reduce BatchNorm on CPU ranks) and
+`model.batchnorm=all_cameras` (the all-reduce BatchNorm) and
 `model.batchnorm=per_rank`. Prints final mAP / Rank-1, same- vs cross-camera Rank-1 and images/s per rank; writes
 JSON.
 
@@ -36,7 +36,7 @@ def main() -> int:
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--config", default="configs/synthetic.yaml")
     p.add_argument("--out", default="runs/batchnorm")
-    p.add_argument("--json", default="benchmarks/results/batchnorm.json")
+    p.add_argument("--json", default="benchmarks/results/batchnorm_modes.json")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     rows = [run(f"{args.ranks} ranks, {mode} BN", args.ranks, mode, os.path.join(args.out, mode), args.config,

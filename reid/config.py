@@ -53,8 +53,8 @@ class ModelConfig:
     arch: str = "resnet50"
     pretrained: str = ""           # path to a torchvision ResNet state dict; "" = random init
     last_stride: int = 1
-    # With several ranks: all_cameras = BatchNorm over the union batch of all ranks (SyncBatchNorm on CUDA, an
-    # all-reduce BatchNorm on CPU ranks); per_rank = each rank normalises its own cameras (camera-specific
+    # With several ranks: all_cameras = BatchNorm over the union batch of all ranks (reid.batchnorm's
+    # all-reduce BatchNorm, CPU and GPU); per_rank = each rank normalises its own cameras (camera-specific
     # statistics) and running statistics are merged over ranks before every memory fill, evaluation and save.
     batchnorm: str = "all_cameras"
 

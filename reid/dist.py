@@ -18,7 +18,8 @@ import torch.distributed as tdist
 from reid.errors import ReidError
 
 __all__ = [
-    "DistEnv", "select_device", "init_distributed", "is_initialized", "rank", "world_size", "is_main", "barrier", "destroy",
+    "DistEnv", "select_device",
+    "init_distributed", "is_initialized", "rank", "world_size", "is_main", "barrier", "destroy",
     "sum_across_ranks", "max_across_ranks", "gather_anchors", "gather_rows", "gather_candidates", "gather_objects",
     "broadcast_object",
     "COMM_BYTES", "reset_comm_bytes",

@@ -36,8 +36,9 @@ class TrainMeter:
 
     def update(self, step: int, parts: dict, total: torch.Tensor, rows: torch.Tensor, warmup: bool) -> str | None:
         """Record one step: ``parts`` from the loss (0-dim tensors), ``total`` the logged total (the loss per
-        DESIGN §3 without DDP's scaling), ``rows`` (b,) this rank's anchors. Returns a progress text at log points
-        (rank 0), else None."""
+        DESIGN §3 without DDP's scaling), ``rows`` (b,) this rank's anchors. At log points (every ``log_every``
+        steps) the interval's means are copied to the host once, written to TensorBoard (rank 0) and returned as
+        a progress text; otherwise returns None and nothing leaves the device."""
         values = torch.stack([total.detach().double()] + [torch.as_tensor(parts[k], device=self.device).double()
                                                           for k in PARTS[1:]])
         self.sums += values

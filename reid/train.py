@@ -184,7 +184,7 @@ def _run(cfg: Config, env) -> dict:
         + ", ".join(f"rank {r} {per_rank[:, r].min()}-{per_rank[:, r].max()} (mean {per_rank[:, r].mean():.1f})"
                     for r in range(env.world_size)))
     if env.world_size > 1 and cfg.model.batchnorm == "per_rank":
-        fewest = min(int(sampler.rank_counts(e, shards).min()) for e in range(cfg.train.epochs))
+        fewest = sampler.fewest_per_rank(shards, cfg.train.epochs)
         if fewest < 2:
             raise ReidError(f"model.batchnorm=per_rank: a rank gets {fewest} image(s) at some step of the global "
                             f"batch {cfg.train.batch_size}, expected at least 2 per rank for per-rank BatchNorm "
@@ -223,11 +223,8 @@ def _run(cfg: Config, env) -> dict:
                          pin_memory=env.device.type == "cuda")
     labelled = cfg.eval.diagnostics and (train.pids >= 0).all()
 
-    def evaluate_at(name: str, epoch: int, features: dict | None = None) -> None:
-        evaluation_point(name, epoch, model, dataset, cfg, env, metrics, writer, features)
-
     if start_epoch == 0 and "untrained" not in metrics:
-        evaluate_at("untrained", 0)
+        evaluation_point("untrained", 0, model, dataset, cfg, env, metrics, writer)
     for epoch in range(start_epoch, cfg.train.epochs):
         # Per-epoch seeds (no rank term) make a resumed run retrace an uninterrupted one at any world size.
         torch.manual_seed(cfg.seed * 100_003 + epoch * 101)
@@ -252,14 +249,14 @@ def _run(cfg: Config, env) -> dict:
                 f"intra {stats['intra']:.3f} inter {stats['inter']:.3f} cam {stats['cam']:.3f}  "
                 f"{stats['images_per_s_per_rank']:.0f} img/s/rank{extra}")
         if epoch == cfg.train.warmup_epochs - 1 and cfg.train.warmup_epochs < cfg.train.epochs:
-            evaluate_at("warmup", epoch + 1)
+            evaluation_point("warmup", epoch + 1, model, dataset, cfg, env, metrics, writer)
         elif cfg.eval.every and (epoch + 1) % cfg.eval.every == 0 and epoch + 1 < cfg.train.epochs:
-            evaluate_at(f"epoch{epoch + 1}", epoch + 1)
+            evaluation_point(f"epoch{epoch + 1}", epoch + 1, model, dataset, cfg, env, metrics, writer)
         save_checkpoint(cfg, model, optimizer, bank, epoch + 1, metrics)
 
     final_features: dict = {}
     if "final" not in metrics:
-        evaluate_at("final", cfg.train.epochs, final_features)
+        evaluation_point("final", cfg.train.epochs, model, dataset, cfg, env, metrics, writer, final_features)
     if dist.is_main():
         write_report(_unwrap(model), dataset, cfg, metrics, env.device, final_features)
         writer.close()
@@ -268,12 +265,12 @@ def _run(cfg: Config, env) -> dict:
 
 
 def evaluate_checkpoint(path: str, overrides: list[str]) -> dict:
-    """`reid evaluate`: a checkpoint on its (or an overridden) dataset's query/gallery split, on the GPU when
-    there is one (config key ``device``)."""
+    """`reid evaluate`: a checkpoint on its (or an overridden) dataset's query/gallery split."""
     from reid.model import load_model_from_checkpoint
 
     model, cfg_dict = load_model_from_checkpoint(path)
     cfg = config_from_dict(cfg_dict, overrides)
-    device = dist.select_device(cfg.device)
+    # The GPU when there is one, whatever device the checkpoint was trained on, unless `device=` is given.
+    device = dist.select_device(cfg.device if any(o.startswith("device=") for o in overrides) else "auto")
     dataset = prepare_dataset(cfg)
     return evaluate_model(model.to(device), dataset, cfg, device)

@@ -117,6 +117,10 @@ class GlobalBatchSampler(torch.utils.data.Sampler[list]):
         per_step = owner[self.cams[rows[: self.steps * self.batch_size]]].reshape(self.steps, self.batch_size)
         return np.stack([(per_step == r).sum(1) for r in range(len(shards))], 1)
 
+    def fewest_per_rank(self, shards: list[np.ndarray], epochs: int) -> int:
+        """The fewest images any rank gets at any step of epochs 0..epochs-1 (per-rank BatchNorm needs 2)."""
+        return min(int(self.rank_counts(epoch, shards).min()) for epoch in range(epochs))
+
     def __iter__(self):
         for step in range(self.steps):
             rows, seeds = self.global_batch(self.epoch, step)
