@@ -159,7 +159,7 @@ class TrainImages(_ImageFiles):
         if isinstance(item, (tuple, list)):
             row, seed = int(item[0]), int(item[1])
             with torch.random.fork_rng(devices=[]):  # torchvision's v2 transforms draw from torch's CPU stream
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)  # the CPU stream only: no GPU generator is touched
                 image = self._image(row)
         else:
             row = int(item)
