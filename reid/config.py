@@ -16,6 +16,7 @@ import yaml
 
 from reid.data.synthetic import SynthConfig
 from reid.errors import ReidError
+from reid.video import evaluation_level
 
 DATA_FORMATS = ("synthetic", "veri776", "veriwild", "vveri901", "csv")
 PROTOCOLS = ("small", "medium", "large")
@@ -101,6 +102,8 @@ class EvalConfig:
     every: int = 0                 # also evaluate every N epochs (0 = only untrained, end of warm-up, final)
     diagnostics: bool = True       # identity-based diagnostics (labelled sets only; never fed to the loss)
     picture_queries: int = 6
+    level: str = "auto"            # items: image, tracklet (the video protocol), auto = tracklet for vveri901
+    frames: int = 0                # tracklet level: at most this many evenly spaced frames per tracklet (0 = all)
 
 
 @dataclass
@@ -125,6 +128,7 @@ _CHOICES = {
     "memory.dtype": ("float32", "bfloat16"),
     "model.batchnorm": ("all_cameras", "per_rank"),
     "train.dtype": ("float32", "float64"),
+    "eval.level": ("auto", "image", "tracklet"),
 }
 LEGACY_KEYS = ("model.sync_bn",)  # in configs saved by older versions (checkpoints); ignored when read back
 
@@ -196,6 +200,7 @@ def validate(cfg: Config) -> Config:
         value = get(cfg, key)
         if value not in allowed:
             raise ReidError(f"config key '{key}': got {value!r}, expected one of {', '.join(allowed)}")
+    evaluation_level(cfg.eval.level, "veri776" if cfg.data.format == "synthetic" else cfg.data.format)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise ReidError(f"config key 'device': got {cfg.device!r}, expected auto, cpu, cuda or cuda:N")
     if cfg.train.dtype == "float64" and cfg.train.amp:
@@ -210,7 +215,7 @@ def validate(cfg: Config) -> Config:
         raise ReidError(f"config key 'train.batch_size': got {cfg.train.batch_size!r}, expected at least 2 "
                         "(the global batch; BatchNorm needs more than one image)")
     non_negative = ["train.warmup_epochs", "train.steps_per_epoch", "data.workers", "loss.topk", "loss.cam_weight",
-                    "train.lr", "train.backbone_lr", "eval.every"]
+                    "train.lr", "train.backbone_lr", "eval.every", "eval.frames"]
     for key in non_negative:
         if get(cfg, key) < 0:
             raise ReidError(f"config key '{key}': got {get(cfg, key)!r}, expected a value >= 0")

@@ -11,32 +11,46 @@ import torch
 from reid.data.images import eval_transform
 from reid.evaluation import evaluate, rank1_same_vs_cross_camera, top_matches
 from reid.features import extract_features
+from reid.video import evaluation_level, pool_tracklets, tracklet_items
 from reid.visualize import save_retrieval_grid
 
 TABLE_ROWS = (("untrained", "untrained model"), ("warmup", "end of warm-up"), ("final", "final"))
 
 
-def embed_split(model, split, cfg, device) -> torch.Tensor:
-    return extract_features(model, split.paths, eval_transform(cfg.data.height, cfg.data.width),
+def embed_paths(model, paths: list, cfg, device) -> torch.Tensor:
+    return extract_features(model, paths, eval_transform(cfg.data.height, cfg.data.width),
                             batch_size=cfg.eval.batch_size, device=device, workers=cfg.data.workers,
                             flip=cfg.eval.flip, skip_corrupt=cfg.data.skip_corrupt, progress="embed")
 
 
+def embed_items(model, split, cfg, device) -> tuple[torch.Tensor, list, np.ndarray, np.ndarray]:
+    """A query or gallery split as evaluation items: images (eval.level=image) or tracklets (the video protocol,
+    reid.video). Returns (features (items, D), a path per item, pids, cams)."""
+    if evaluation_level(cfg.eval.level, cfg.data.format) == "image":
+        return embed_paths(model, split.paths, cfg, device), split.paths, split.pids, split.cams
+    items = tracklet_items(split, cfg.eval.frames)
+    rows = np.concatenate(items.frames) if len(items) else np.zeros(0, dtype=np.int64)
+    frames = embed_paths(model, [split.paths[i] for i in rows], cfg, device)
+    return pool_tracklets(frames, items), items.paths, items.pids, items.cams
+
+
 def evaluate_model(model, dataset, cfg, device, features: dict | None = None) -> dict:
     """mAP / CMC on query→gallery, plus same-camera vs cross-camera Rank-1 (a camera-gap diagnostic).
-    Pass a dict as `features` to receive the query/gallery embeddings for reuse."""
-    q, g = dataset.query, dataset.gallery
-    qf, gf = embed_split(model, q, cfg, device), embed_split(model, g, cfg, device)
-    result = evaluate(qf, gf, q.pids, g.pids, q.cams, g.cams)
+    Items are images or tracklets (``eval.level``). Pass a dict as `features` to receive the query/gallery
+    item embeddings and their (paths, pids, cams) for reuse."""
+    qf, q_paths, q_pids, q_cams = embed_items(model, dataset.query, cfg, device)
+    gf, g_paths, g_pids, g_cams = embed_items(model, dataset.gallery, cfg, device)
+    result = evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams)
     out = {k: float(v) for k, v in result.items()}
     if cfg.eval.diagnostics:
         # VeRi-style galleries contain the query images themselves: exclude each query's own copy.
-        where = {os.path.basename(p): i for i, p in enumerate(g.paths)}
-        own = np.array([where.get(os.path.basename(p), -1) for p in q.paths])
-        gap = rank1_same_vs_cross_camera(qf, gf, q.pids, g.pids, q.cams, g.cams, query_gallery_index=own)
+        where = {os.path.basename(p): i for i, p in enumerate(g_paths)}
+        own = np.array([where.get(os.path.basename(p), -1) for p in q_paths])
+        gap = rank1_same_vs_cross_camera(qf, gf, q_pids, g_pids, q_cams, g_cams, query_gallery_index=own)
         out.update({k: float(v) for k, v in gap.items()})
     if features is not None:
-        features.update(query=qf, gallery=gf)
+        features.update(query=qf, gallery=gf, query_items=(q_paths, q_pids, q_cams),
+                        gallery_items=(g_paths, g_pids, g_cams))
     return out
 
 
@@ -74,12 +88,12 @@ def write_report(model, dataset, cfg, metrics: dict, device, features: dict | No
     if not features:
         features = {}
         evaluate_model(model, dataset, cfg, device, features)
-    q, g = dataset.query, dataset.gallery
-    picked = np.linspace(0, len(q) - 1, num=min(cfg.eval.picture_queries, len(q))).astype(int)
-    order = top_matches(features["query"][picked], features["gallery"], q.pids[picked], g.pids, q.cams[picked],
-                        g.cams, k=10).cpu().numpy()
+    (q_paths, q_pids, q_cams), (g_paths, g_pids, g_cams) = features["query_items"], features["gallery_items"]
+    picked = np.linspace(0, len(q_paths) - 1, num=min(cfg.eval.picture_queries, len(q_paths))).astype(int)
+    order = top_matches(features["query"][picked], features["gallery"], q_pids[picked], g_pids, q_cams[picked],
+                        g_cams, k=10).cpu().numpy()
     path = os.path.join(out, "retrieval.png")
-    save_retrieval_grid(path, [q.paths[i] for i in picked], g.paths, order, q.pids[picked], g.pids,
-                        q.cams[picked], g.cams)
+    save_retrieval_grid(path, [q_paths[i] for i in picked], g_paths, order, q_pids[picked], g_pids,
+                        q_cams[picked], g_cams)
     print(f"wrote {os.path.join(out, 'metrics.json')}, {path}, TensorBoard logs in {os.path.join(out, 'tb')}",
           flush=True)
