@@ -12,7 +12,7 @@ from reid.data.images import eval_transform
 from reid.evaluation import evaluate, rank1_same_vs_cross_camera, top_matches
 from reid.features import extract_features
 from reid.video import evaluation_level, pool_tracklets, tracklet_items
-from reid.visualize import save_retrieval_grid
+from reid.visualize import save_camera_map_chart, save_retrieval_grid
 
 TABLE_ROWS = (("untrained", "untrained model"), ("warmup", "end of warm-up"), ("final", "final"))
 
@@ -54,6 +54,43 @@ def evaluate_model(model, dataset, cfg, device, features: dict | None = None) ->
     return out
 
 
+def save_retrieval_picture(features: dict, cfg, path: str) -> str:
+    """The retrieval grid of ``eval.picture_queries`` evenly spread queries (features from ``evaluate_model``)."""
+    (q_paths, q_pids, q_cams), (g_paths, g_pids, g_cams) = features["query_items"], features["gallery_items"]
+    picked = np.linspace(0, len(q_paths) - 1, num=min(cfg.eval.picture_queries, len(q_paths))).astype(int)
+    order = top_matches(features["query"][picked], features["gallery"], k=10).cpu().numpy()  # junk shown grey
+    return save_retrieval_grid(path, [q_paths[i] for i in picked], g_paths, order, q_pids[picked], g_pids,
+                               q_cams[picked], g_cams)
+
+
+def per_camera_map(features: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """mAP of each query camera's queries against the whole gallery: (cameras, mAP (NaN = no valid query),
+    valid queries)."""
+    (_, q_pids, q_cams), (_, g_pids, g_cams) = features["query_items"], features["gallery_items"]
+    cameras = np.unique(q_cams)
+    maps, counts = np.full(len(cameras), np.nan), np.zeros(len(cameras), dtype=np.int64)
+    for k, cam in enumerate(cameras):
+        mine = np.flatnonzero(q_cams == cam)
+        result = evaluate(features["query"][torch.as_tensor(mine, device=features["query"].device)],
+                          features["gallery"], q_pids[mine], g_pids, q_cams[mine], g_cams)
+        counts[k] = int(result["valid_queries"])
+        if counts[k]:
+            maps[k] = float(result["mAP"])
+    return cameras, maps, counts
+
+
+def save_evaluation_pictures(features: dict, dataset, cfg, name: str) -> tuple[dict, dict]:
+    """An evaluation point's pictures under ``output_dir/pictures``: the retrieval grid and the per-camera mAP
+    chart. Returns ({kind: path}, {camera name: mAP})."""
+    folder = os.path.join(cfg.output_dir, "pictures")
+    cameras, maps, counts = per_camera_map(features)
+    names = [dataset.camera_names[c] for c in cameras]
+    paths = {"retrieval": save_retrieval_picture(features, cfg, os.path.join(folder, f"{name}_retrieval.png")),
+             "camera_mAP": save_camera_map_chart(os.path.join(folder, f"{name}_camera_mAP.png"), names, maps,
+                                                 counts)}
+    return paths, {n: (None if m != m else float(m)) for n, m in zip(names, maps)}
+
+
 def _finite(value):
     """NaN (e.g. a diagnostic with no qualifying query) → null, so metrics.json stays valid JSON."""
     if isinstance(value, float) and value != value:
@@ -88,12 +125,6 @@ def write_report(model, dataset, cfg, metrics: dict, device, features: dict | No
     if not features:
         features = {}
         evaluate_model(model, dataset, cfg, device, features)
-    (q_paths, q_pids, q_cams), (g_paths, g_pids, g_cams) = features["query_items"], features["gallery_items"]
-    picked = np.linspace(0, len(q_paths) - 1, num=min(cfg.eval.picture_queries, len(q_paths))).astype(int)
-    order = top_matches(features["query"][picked], features["gallery"], q_pids[picked], g_pids, q_cams[picked],
-                        g_cams, k=10).cpu().numpy()
-    path = os.path.join(out, "retrieval.png")
-    save_retrieval_grid(path, [q_paths[i] for i in picked], g_paths, order, q_pids[picked], g_pids,
-                        q_cams[picked], g_cams)
+    path = save_retrieval_picture(features, cfg, os.path.join(out, "retrieval.png"))
     print(f"wrote {os.path.join(out, 'metrics.json')}, {path}, TensorBoard logs in {os.path.join(out, 'tb')}",
           flush=True)

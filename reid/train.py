@@ -13,6 +13,7 @@ import shutil
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -29,7 +30,7 @@ from reid.features import extract_features, make_loader
 from reid.memory import MemoryBank
 from reid.meters import TrainMeter
 from reid.model import build_model
-from reid.report import evaluate_model, write_report
+from reid.report import evaluate_model, save_evaluation_pictures, write_report
 from reid.sharded_loss import sharded_ctacl_loss
 
 CHECKPOINT = "checkpoint.pt"
@@ -114,12 +115,18 @@ def same_batchnorm_statistics(model, cfg: Config, env, own_images: int) -> None:
 
 def evaluation_point(name: str, epoch: int, model, dataset, cfg: Config, env, metrics: dict, writer,
                      features: dict | None = None) -> None:
-    """Evaluate on rank 0 (the others wait), record under ``metrics[name]`` and in TensorBoard at ``epoch``."""
+    """Evaluate on rank 0 (the others wait); record under ``metrics[name]``, in TensorBoard at ``epoch`` (scalars,
+    the retrieval grid and the per-camera mAP chart) and as pictures under ``output_dir/pictures``."""
     if dist.is_main():
+        features = {} if features is None else features
         result = evaluate_model(_unwrap(model), dataset, cfg, env.device, features)
-        metrics[name] = result
         for key, value in result.items():
             writer.add_scalar(f"eval/{key}", value, epoch)
+        pictures, result["camera_mAP"] = save_evaluation_pictures(features, dataset, cfg, name)
+        for kind, path in pictures.items():
+            with Image.open(path) as image:
+                writer.add_image(f"eval/{kind}", np.asarray(image.convert("RGB")), epoch, dataformats="HWC")
+        metrics[name] = result
         log(f"[{name}] mAP {100 * result['mAP']:.1f}  R1 {100 * result['rank1']:.1f}")
     dist.barrier()
 

@@ -1,8 +1,8 @@
 """Retrieval picture: one row per query, the query then its top gallery images (PIL only).
 
-Frames: green = same identity (a true match), red = another identity, grey = unknown (no
-identities given, e.g. `reid search query`). Gallery images of the query's identity *and*
-camera are junk under the evaluation rule and are skipped, so a row shows what `evaluate` scores.
+Frames: green = same identity (a true match), red = another identity, grey = junk under the evaluation
+rule (the query's identity seen by the query's camera: shown where it ranks, labelled "junk", ignored by
+`evaluate`) or unknown (no identities given, e.g. `reid search query`). Also a per-camera mAP bar chart.
 """
 from __future__ import annotations
 
@@ -85,15 +85,49 @@ def save_retrieval_grid(path: str, query_paths, gallery_paths, ranked_gallery_id
             if g >= len(gallery_paths):
                 raise ReidError(f"retrieval picture: gallery index {g} out of range (G={len(gallery_paths)})")
             same_id = labelled and gp[g] == qp[i]
-            if same_id and qc is not None and gc is not None and gc[g] == qc[i]:
-                continue  # junk under the evaluation rule
-            colour = GREY if not labelled else (GREEN if same_id else RED)
+            junk = same_id and qc is not None and gc is not None and gc[g] == qc[i]
+            colour = GREY if not labelled or junk else (GREEN if same_id else RED)
             if scores is not None:
                 label = f"{scores[i, j]:.3f}"
+            elif junk:
+                label = f"junk c{gc[g]}"
             else:
                 label = (f"id {gp[g]}" if labelled else f"#{shown + 1}") + (f" c{gc[g]}" if gc is not None else "")
             put(pitch_w * (shown + 1) + gap, i, gallery_paths[g], colour, label)
             shown += 1
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path, format="PNG")
+    return path
+
+
+def save_camera_map_chart(path: str, camera_names, maps, queries) -> str:
+    """Write a PNG bar chart of mAP per query camera to `path` and return `path` (PIL only).
+
+    camera_names: C labels; maps: C values in [0, 1] (NaN = no valid query, drawn as an empty slot);
+    queries: C counts of valid queries, printed under each bar.
+    """
+    maps, queries = np.asarray(maps, dtype=float), np.asarray(queries)
+    if not len(camera_names) == len(maps) == len(queries):
+        raise ReidError(f"camera chart: {len(camera_names)} names, {len(maps)} values and {len(queries)} counts, "
+                        "expected one of each per camera")
+    bar, gap, height, top, bottom, left = 28, 10, 200, 24, 34, 34
+    canvas = Image.new("RGB", (left + max(1, len(maps)) * (bar + gap) + gap, top + height + bottom), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):  # axis ticks
+        y = top + height - int(frac * height)
+        draw.line([left - 4, y, canvas.width - gap, y], fill=(225, 225, 225))
+        draw.text((2, y - 6), f"{100 * frac:.0f}", fill=(0, 0, 0), font=font)
+    draw.text((left, 4), "mAP (%) per query camera", fill=(0, 0, 0), font=font)
+    for k, (name, value, count) in enumerate(zip(camera_names, maps, queries)):
+        x = left + gap + k * (bar + gap)
+        if value == value:  # not NaN
+            y = top + height - int(round(value * height))
+            if y < top + height:  # a bar of round(value·height) pixel rows
+                draw.rectangle([x, y, x + bar, top + height - 1], fill=QUERY_BLUE)
+            draw.text((x, y - 12), f"{100 * value:.0f}", fill=(0, 0, 0), font=font)
+        draw.text((x, top + height + 3), str(name)[:5], fill=(0, 0, 0), font=font)
+        draw.text((x, top + height + 17), f"n{int(count)}", fill=(90, 90, 90), font=font)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     canvas.save(path, format="PNG")
     return path

@@ -34,6 +34,15 @@ def test_single_process_run_writes_every_artefact(tmp_path):
     assert saved["final"] == metrics["final"]
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run / "tb"))
     assert len(saved["epochs"]) == 2 and saved["epochs"][1]["warmup"] is False
+    for point in ("untrained", "warmup", "final"):  # each evaluation point leaves its pictures
+        assert (run / "pictures" / f"{point}_retrieval.png").is_file()
+        assert (run / "pictures" / f"{point}_camera_mAP.png").is_file()
+    assert set(saved["final"]["camera_mAP"]) == {"c001", "c002", "c003", "c004"}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0}).Reload()
+    assert {"eval/retrieval", "eval/camera_mAP"} <= set(events.Tags()["images"])
+    assert [e.step for e in events.Images("eval/retrieval")] == [0, 1, 2]  # untrained, end of warm-up, final
 
 
 def test_resume_continues_from_the_checkpoint_not_from_scratch(tmp_path, capsys):
