@@ -44,7 +44,8 @@ def _cmd_evaluate(argv: list[str]) -> int:
     from reid.train import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, args.overrides)
-    print(json.dumps(result, indent=2))
+    if result is not None:  # rank 0 (or the only process)
+        print(json.dumps(result, indent=2))
     return 0
 
 

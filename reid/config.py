@@ -19,7 +19,7 @@ from reid.errors import ReidError
 from reid.video import evaluation_level
 
 DATA_FORMATS = ("synthetic", "veri776", "veriwild", "vveri901", "csv")
-PROTOCOLS = ("small", "medium", "large")
+PROTOCOLS = ("small", "medium", "large", "all")  # all: `reid evaluate` of the three VeRi-Wild protocols
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
@@ -27,7 +27,7 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 class DataConfig:
     format: str = "synthetic"      # synthetic = generate a VeRi-776-layout folder at `root` if missing, then read it
     root: str = "data/synthetic"   # dataset folder (for csv: the manifest file)
-    protocol: str = "small"        # VeRi-Wild test protocol: small / medium / large
+    protocol: str = "small"        # VeRi-Wild test protocol: small / medium / large (all: `reid evaluate` only)
     height: int = 256
     width: int = 128
     workers: int = 4               # DataLoader workers per rank
@@ -203,6 +203,9 @@ def validate(cfg: Config) -> Config:
     evaluation_level(cfg.eval.level, "veri776" if cfg.data.format == "synthetic" else cfg.data.format)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise ReidError(f"config key 'device': got {cfg.device!r}, expected auto, cpu, cuda or cuda:N")
+    if cfg.data.protocol == "all" and cfg.data.format != "veriwild":
+        raise ReidError(f"config key 'data.protocol': all given for data.format={cfg.data.format}, expected "
+                        "data.format=veriwild (the three VeRi-Wild protocols) or small / medium / large")
     if cfg.train.dtype == "float64" and cfg.train.amp:
         raise ReidError("config keys 'train.dtype' / 'train.amp': float64 with bf16 autocast given, "
                         "expected train.amp=false with train.dtype=float64")

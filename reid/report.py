@@ -8,6 +8,7 @@ import os
 import numpy as np
 import torch
 
+from reid import dist
 from reid.data.images import eval_transform
 from reid.evaluation import evaluate, rank1_same_vs_cross_camera, top_matches
 from reid.features import extract_features
@@ -18,9 +19,11 @@ TABLE_ROWS = (("untrained", "untrained model"), ("warmup", "end of warm-up"), ("
 
 
 def embed_paths(model, paths: list, cfg, device) -> torch.Tensor:
+    """Every rank embeds 1/R of `paths` (bf16 autocast on CUDA with train.amp) and receives all of them, in order."""
     return extract_features(model, paths, eval_transform(cfg.data.height, cfg.data.width),
                             batch_size=cfg.eval.batch_size, device=device, workers=cfg.data.workers,
-                            flip=cfg.eval.flip, skip_corrupt=cfg.data.skip_corrupt, progress="embed")
+                            flip=cfg.eval.flip, skip_corrupt=cfg.data.skip_corrupt,
+                            progress="embed" if dist.is_main() else None, split_over_ranks=True, amp=cfg.train.amp)
 
 
 def embed_items(model, split, cfg, device) -> tuple[torch.Tensor, list, np.ndarray, np.ndarray]:
@@ -34,12 +37,20 @@ def embed_items(model, split, cfg, device) -> tuple[torch.Tensor, list, np.ndarr
     return pool_tracklets(frames, items), items.paths, items.pids, items.cams
 
 
-def evaluate_model(model, dataset, cfg, device, features: dict | None = None) -> dict:
-    """mAP / CMC on query→gallery, plus same-camera vs cross-camera Rank-1 (a camera-gap diagnostic).
-    Items are images or tracklets (``eval.level``). Pass a dict as `features` to receive the query/gallery
-    item embeddings and their (paths, pids, cams) for reuse."""
+def embed_for_evaluation(model, dataset, cfg, device) -> dict:
+    """Query and gallery item embeddings and their (paths, pids, cams); with several ranks every rank must call
+    it (each embeds a share, all receive everything)."""
     qf, q_paths, q_pids, q_cams = embed_items(model, dataset.query, cfg, device)
     gf, g_paths, g_pids, g_cams = embed_items(model, dataset.gallery, cfg, device)
+    return {"query": qf, "gallery": gf, "query_items": (q_paths, q_pids, q_cams),
+            "gallery_items": (g_paths, g_pids, g_cams)}
+
+
+def score(features: dict, cfg) -> dict:
+    """mAP / CMC / mINP of the embedded query→gallery items, plus same- vs cross-camera Rank-1 (a camera-gap
+    diagnostic, eval.diagnostics)."""
+    (q_paths, q_pids, q_cams), (g_paths, g_pids, g_cams) = features["query_items"], features["gallery_items"]
+    qf, gf = features["query"], features["gallery"]
     result = evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams)
     out = {k: float(v) for k, v in result.items()}
     if cfg.eval.diagnostics:
@@ -48,10 +59,50 @@ def evaluate_model(model, dataset, cfg, device, features: dict | None = None) ->
         own = np.array([where.get(os.path.basename(p), -1) for p in q_paths])
         gap = rank1_same_vs_cross_camera(qf, gf, q_pids, g_pids, q_cams, g_cams, query_gallery_index=own)
         out.update({k: float(v) for k, v in gap.items()})
-    if features is not None:
-        features.update(query=qf, gallery=gf, query_items=(q_paths, q_pids, q_cams),
-                        gallery_items=(g_paths, g_pids, g_cams))
     return out
+
+
+def evaluate_model(model, dataset, cfg, device, features: dict | None = None) -> dict:
+    """Embed (``embed_for_evaluation``) and ``score``: one process, or every rank of a group (each returns the
+    result). Pass a dict as `features` to receive the embeddings for reuse."""
+    embedded = embed_for_evaluation(model, dataset, cfg, device)
+    if features is not None:
+        features.update(embedded)
+    return score(embedded, cfg)
+
+
+VERIWILD_PROTOCOLS = ("small", "medium", "large")
+
+
+def evaluate_veriwild_protocols(model, cfg, device) -> dict | None:
+    """``data.protocol=all``: the union of VeRi-Wild's three test lists embedded once (shared by all ranks), then
+    small / medium / large scored on their own query and gallery lists. Returns {protocol: result} on rank 0,
+    None on the other ranks."""
+    from reid.data.readers import load_dataset
+
+    datasets = {p: load_dataset("veriwild", cfg.data.root, p, check_images=cfg.data.check_images)
+                for p in VERIWILD_PROTOCOLS}
+    paths = sorted({path for ds in datasets.values() for split in (ds.query, ds.gallery) for path in split.paths})
+    embedded = embed_paths(model, paths, cfg, device)
+    row = {path: i for i, path in enumerate(paths)}
+    if not dist.is_main():
+        return None
+    results = {}
+    for name, ds in datasets.items():
+        q, g = ([row[path] for path in split.paths] for split in (ds.query, ds.gallery))
+        features = {"query": embedded[q], "gallery": embedded[g],
+                    "query_items": (ds.query.paths, ds.query.pids, ds.query.cams),
+                    "gallery_items": (ds.gallery.paths, ds.gallery.pids, ds.gallery.cams)}
+        results[name] = score(features, cfg)
+    return results
+
+
+def format_protocol_table(results: dict) -> str:
+    lines = [f"{'protocol':<10} {'queries':>8} {'mAP':>6} {'R1':>6} {'R5':>6} {'R10':>6}"]
+    for name, m in results.items():
+        lines.append(f"{name:<10} {int(m.get('valid_queries', 0)):>8} {100 * m['mAP']:6.1f} {100 * m['rank1']:6.1f} "
+                     f"{100 * m['rank5']:6.1f} {100 * m['rank10']:6.1f}")
+    return "\n".join(lines)
 
 
 def save_retrieval_picture(features: dict, cfg, path: str) -> str:
@@ -112,8 +163,9 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(model, dataset, cfg, metrics: dict, device, features: dict | None = None) -> None:
-    """Print the summary table; write metrics.json, the final model and the retrieval picture under output_dir."""
+def write_report(model, cfg, metrics: dict, features: dict) -> None:
+    """Print the summary table; write metrics.json, the final model and the retrieval picture (of `features`, from
+    ``embed_for_evaluation``) under output_dir."""
     out = cfg.output_dir
     print("\n" + format_table(metrics), flush=True)
     with open(os.path.join(out, "metrics.json"), "w") as f:
@@ -122,9 +174,6 @@ def write_report(model, dataset, cfg, metrics: dict, device, features: dict | No
 
     torch.save({"model": model.state_dict(), "config": config_to_dict(cfg), "metrics": metrics},
                os.path.join(out, "final_model.pt"))
-    if not features:
-        features = {}
-        evaluate_model(model, dataset, cfg, device, features)
     path = save_retrieval_picture(features, cfg, os.path.join(out, "retrieval.png"))
     print(f"wrote {os.path.join(out, 'metrics.json')}, {path}, TensorBoard logs in {os.path.join(out, 'tb')}",
           flush=True)

@@ -30,7 +30,7 @@ from reid.features import extract_features, make_loader
 from reid.memory import MemoryBank
 from reid.meters import TrainMeter
 from reid.model import build_model
-from reid.report import evaluate_model, save_evaluation_pictures, write_report
+from reid.report import embed_for_evaluation, save_evaluation_pictures, score, write_report
 from reid.sharded_loss import sharded_ctacl_loss
 
 CHECKPOINT = "checkpoint.pt"
@@ -66,11 +66,13 @@ def learning_rates(cfg: Config, epoch: int) -> tuple[float, float]:
 
 
 def fill_memory(model, bank: MemoryBank, train, cfg: Config, env) -> None:
-    """Full feature pass over this rank's rows (eval transforms, no grad) → memory rows."""
+    """Full feature pass over this rank's rows (eval transforms, no grad) → memory rows: the camera shards already
+    split the fill over ranks."""
     rows = bank.global_ids.cpu().numpy()
     feats = extract_features(model, [train.paths[i] for i in rows], eval_transform(cfg.data.height, cfg.data.width),
                              batch_size=cfg.eval.batch_size, device=env.device, workers=cfg.data.workers,
-                             skip_corrupt=cfg.data.skip_corrupt, progress="memory" if dist.is_main() else None)
+                             skip_corrupt=cfg.data.skip_corrupt, progress="memory" if dist.is_main() else None,
+                             amp=cfg.train.amp)
     bank.fill(bank.global_ids, feats)
 
 
@@ -115,11 +117,13 @@ def same_batchnorm_statistics(model, cfg: Config, env, own_images: int) -> None:
 
 def evaluation_point(name: str, epoch: int, model, dataset, cfg: Config, env, metrics: dict, writer,
                      features: dict | None = None) -> None:
-    """Evaluate on rank 0 (the others wait); record under ``metrics[name]``, in TensorBoard at ``epoch`` (scalars,
-    the retrieval grid and the per-camera mAP chart) and as pictures under ``output_dir/pictures``."""
+    """Every rank embeds a share of query and gallery; rank 0 scores them and records the result under
+    ``metrics[name]``, in TensorBoard at ``epoch`` (scalars, the retrieval grid, the per-camera mAP chart) and as
+    pictures under ``output_dir/pictures``. ``features`` receives the embeddings."""
+    features = {} if features is None else features
+    features.update(embed_for_evaluation(_unwrap(model), dataset, cfg, env.device))
     if dist.is_main():
-        features = {} if features is None else features
-        result = evaluate_model(_unwrap(model), dataset, cfg, env.device, features)
+        result = score(features, cfg)
         for key, value in result.items():
             writer.add_scalar(f"eval/{key}", value, epoch)
         pictures, result["camera_mAP"] = save_evaluation_pictures(features, dataset, cfg, name)
@@ -169,6 +173,9 @@ def main(cfg: Config) -> dict:
 
 
 def _run(cfg: Config, env) -> dict:
+    if cfg.data.protocol == "all":
+        raise ReidError("config key 'data.protocol': all is for `reid evaluate` (the three VeRi-Wild protocols "
+                        "from one embedding pass); expected small, medium or large for training")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     os.makedirs(cfg.output_dir, exist_ok=True)
@@ -264,20 +271,34 @@ def _run(cfg: Config, env) -> dict:
     final_features: dict = {}
     if "final" not in metrics:
         evaluation_point("final", cfg.train.epochs, model, dataset, cfg, env, metrics, writer, final_features)
+    else:  # resumed after the final evaluation: the report's picture still needs the embeddings
+        final_features = embed_for_evaluation(_unwrap(model), dataset, cfg, env.device)
     if dist.is_main():
-        write_report(_unwrap(model), dataset, cfg, metrics, env.device, final_features)
+        write_report(_unwrap(model), cfg, metrics, final_features)
         writer.close()
     dist.barrier()
     return metrics
 
 
-def evaluate_checkpoint(path: str, overrides: list[str]) -> dict:
-    """`reid evaluate`: a checkpoint on its (or an overridden) dataset's query/gallery split."""
+def evaluate_checkpoint(path: str, overrides: list[str]) -> dict | None:
+    """`reid evaluate`: a checkpoint on its (or an overridden) dataset's query/gallery split; under torchrun every
+    rank embeds a share. ``data.protocol=all`` (VeRi-Wild) scores small, medium and large from one embedding pass.
+    Returns the result on rank 0, None on the other ranks."""
     from reid.model import load_model_from_checkpoint
+    from reid.report import evaluate_veriwild_protocols, format_protocol_table
 
     model, cfg_dict = load_model_from_checkpoint(path)
     cfg = config_from_dict(cfg_dict, overrides)
     # The GPU when there is one, whatever device the checkpoint was trained on, unless `device=` is given.
-    device = dist.select_device(cfg.device if any(o.startswith("device=") for o in overrides) else "auto")
-    dataset = prepare_dataset(cfg)
-    return evaluate_model(model.to(device), dataset, cfg, device)
+    env = dist.init_distributed(cfg.device if any(o.startswith("device=") for o in overrides) else "auto")
+    try:
+        model = model.to(env.device)
+        if cfg.data.protocol == "all":
+            results = evaluate_veriwild_protocols(model, cfg, env.device)
+            if results is not None:
+                print(format_protocol_table(results), flush=True)
+            return results
+        features = embed_for_evaluation(model, prepare_dataset(cfg), cfg, env.device)
+        return score(features, cfg) if dist.is_main() else None
+    finally:
+        dist.destroy()
