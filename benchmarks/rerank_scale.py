@@ -70,7 +70,8 @@ def main() -> None:
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
-        "shape": {"queries": args.queries, "gallery": args.gallery, "dim": args.dim, "samples": args.queries + args.gallery},
+        "shape": {"queries": args.queries, "gallery": args.gallery, "dim": args.dim,
+                  "samples": args.queries + args.gallery},
         "rerank_s": seconds, "peak_rss_mb": peak, "peak_rss_before_mb": rss0,
         "mAP_before": float(before["mAP"]), "mAP_after": float(after["mAP"]),
         "rank1_before": float(before["rank1"]), "rank1_after": float(after["rank1"]),

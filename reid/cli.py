@@ -18,7 +18,7 @@ COMMANDS = {
     "ablate": "run the ablation table (same epochs for every row)",
     "selftest": "check the distributed loss against the single-process loss (run under torchrun)",
     "submit": "submit training to SLURM through submitit",
-    "search": "embed a folder into a faiss index and query it",
+    "search": "embed a folder or dataset split into a faiss index; query it with images (--json, --picture)",
 }
 
 
@@ -110,7 +110,7 @@ def _cmd_submit(argv: list[str]) -> int:
 
 
 def _cmd_search(argv: list[str]) -> int:
-    from reid.search import main
+    from reid.search_cli import main
 
     return main(argv)
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from reid import search
+from reid import search, search_cli
 from reid.errors import ReidError
 from reid.visualize import GREEN, GREY, RED, save_retrieval_grid
 
@@ -43,7 +43,7 @@ def stand_in_model(monkeypatch, tmp_path):
         calls.append(checkpoint)
         return MeanColour(), dict(SETTINGS)
 
-    monkeypatch.setattr(search, "load_embedder", load)
+    monkeypatch.setattr(search_cli, "load_embedder", load)
     ckpt = tmp_path / "m.pt"
     ckpt.write_bytes(b"stand-in")
     return str(ckpt), calls
@@ -74,7 +74,7 @@ def veri_dir(tmp_path):
 
 
 def run_json(argv, capsys):
-    assert search.main(argv) == 0
+    assert search_cli.main(argv) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -82,7 +82,7 @@ def test_query_needs_only_the_index_which_remembers_checkpoint_and_transform(gal
                                                                             capsys):
     ckpt, calls = stand_in_model
     out = tmp_path / "idx"
-    assert search.main(["index", "--checkpoint", ckpt, "--images", str(gallery_dir), "--out", str(out),
+    assert search_cli.main(["index", "--checkpoint", ckpt, "--images", str(gallery_dir), "--out", str(out),
                         "--device", "cpu", "--batch-size", "5"]) == 0
     assert sorted(os.listdir(out)) == ["index.faiss", "meta.json", "paths.txt"]
     meta = json.loads((out / "meta.json").read_text())
@@ -92,7 +92,7 @@ def test_query_needs_only_the_index_which_remembers_checkpoint_and_transform(gal
     q1 = write_image(tmp_path / "q1.jpg", COLOURS["red"])
     q2 = write_image(tmp_path / "q2.jpg", COLOURS["yellow"])
     picture = tmp_path / "pic" / "top.png"
-    assert search.main(["query", "--index", str(out), q1, q2, "--topk", "4", "--picture", str(picture)]) == 0
+    assert search_cli.main(["query", "--index", str(out), q1, q2, "--topk", "4", "--picture", str(picture)]) == 0
     assert calls[-1] == os.path.abspath(ckpt)
     printed = capsys.readouterr().out
     assert "query 1/2" in printed and "query 2/2" in printed
@@ -104,7 +104,7 @@ def test_query_needs_only_the_index_which_remembers_checkpoint_and_transform(gal
 
 def test_indexed_image_queried_comes_back_first_with_score_one(gallery_dir, tmp_path, stand_in_model, capsys):
     ckpt, _ = stand_in_model
-    search.main(["index", "--checkpoint", ckpt, "--images", str(gallery_dir), "--out", str(tmp_path / "idx")])
+    search_cli.main(["index", "--checkpoint", ckpt, "--images", str(gallery_dir), "--out", str(tmp_path / "idx")])
     capsys.readouterr()
     q = str(gallery_dir / "blue" / "blue_2.jpg")
     answers = run_json(["query", "--index", str(tmp_path / "idx"), q, "--topk", "5", "--json"], capsys)
@@ -119,7 +119,7 @@ def test_indexed_image_queried_comes_back_first_with_score_one(gallery_dir, tmp_
 def test_dataset_index_prints_camera_and_pid_beside_each_hit(veri_dir, tmp_path, stand_in_model, capsys):
     ckpt, _ = stand_in_model
     out = tmp_path / "idx"
-    assert search.main(["index", "--checkpoint", ckpt, "--dataset", "veri776", str(veri_dir), "--out", str(out)]) == 0
+    assert search_cli.main(["index", "--checkpoint", ckpt, "--dataset", "veri776", str(veri_dir), "--out", str(out)]) == 0
     assert "indexed 12 images" in capsys.readouterr().out
     meta = json.loads((out / "meta.json").read_text())
     assert meta["source"]["dataset"] == {"format": "veri776", "root": str(veri_dir), "split": "gallery",
@@ -133,14 +133,14 @@ def test_dataset_index_prints_camera_and_pid_beside_each_hit(veri_dir, tmp_path,
     assert [h["pid"] for h in answers[0]["hits"]] == [3, 3, 3]  # blue is vehicle 3 under every camera
     # A query from another split is not indexed: no labels of its own, its vehicle's images rank first.
     other = str(veri_dir / "image_query" / "0001_c004_00000100_0.jpg")
-    assert search.main(["query", "--index", str(out), other, "--topk", "2"]) == 0
+    assert search_cli.main(["query", "--index", str(out), other, "--topk", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith("0001_c004_00000100_0.jpg") and "c00" in lines[1] and " 1 " in lines[1]
 
 
 def test_dataset_split_train_is_indexed_when_asked(veri_dir, tmp_path, stand_in_model, capsys):
     ckpt, _ = stand_in_model
-    search.main(["index", "--checkpoint", ckpt, "--dataset", "veri776", str(veri_dir), "train", "--out",
+    search_cli.main(["index", "--checkpoint", ckpt, "--dataset", "veri776", str(veri_dir), "train", "--out",
                  str(tmp_path / "idx")])
     assert "indexed 8 images" in capsys.readouterr().out
     labels = (tmp_path / "idx" / "labels.tsv").read_text().splitlines()
@@ -184,7 +184,7 @@ def test_pq_index_compresses_rows_and_keeps_them_searchable(tmp_path, gallery_di
 
 def test_ivf_and_nprobe_are_remembered_by_the_index(gallery_dir, tmp_path, stand_in_model, capsys):
     ckpt, _ = stand_in_model
-    search.main(["index", "--checkpoint", ckpt, "--images", str(gallery_dir), "--out", str(tmp_path / "idx"),
+    search_cli.main(["index", "--checkpoint", ckpt, "--images", str(gallery_dir), "--out", str(tmp_path / "idx"),
                  "--ivf", "2", "--nprobe", "2"])
     meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
     assert meta["index"] == {"type": "ivf", "metric": "inner_product", "nlist": 2, "pq": 0, "nprobe": 2}
@@ -218,31 +218,31 @@ def test_errors_are_one_line_and_name_the_flag_or_file(gallery_dir, tmp_path, st
     ]
     for argv, message in cases:
         with pytest.raises(ReidError, match=message) as info:
-            search.main(argv)
+            search_cli.main(argv)
         assert "\n" not in str(info.value), argv
     with pytest.raises(ReidError, match="--pq: expected M ≥ 1 dividing the embedding dimension 16, got 5"):
         search.build_faiss_index(np.eye(300, 16, dtype=np.float32), ivf=2, pq=5)
     broken = write_image(tmp_path / "bad" / "b.jpg", COLOURS["red"])
     open(broken, "wb").write(b"not an image")
     with pytest.raises(ReidError, match="b.jpg"):
-        search.main(index_args + ["--images", str(tmp_path / "bad")])
+        search_cli.main(index_args + ["--images", str(tmp_path / "bad")])
 
 
 def test_damaged_index_folders_are_named_in_the_error(gallery_dir, tmp_path, stand_in_model):
     ckpt, _ = stand_in_model
     idx = tmp_path / "idx"
-    search.main(["index", "--checkpoint", ckpt, "--images", str(gallery_dir), "--out", str(idx)])
+    search_cli.main(["index", "--checkpoint", ckpt, "--images", str(gallery_dir), "--out", str(idx)])
     q = str(gallery_dir / "red" / "red_0.jpg")
     os.remove(ckpt)
     with pytest.raises(ReidError, match=r"--index: checkpoint '.*m.pt' recorded in '.*meta.json' not found"):
-        search.main(["query", "--index", str(idx), q])
+        search_cli.main(["query", "--index", str(idx), q])
     (idx / "meta.json").write_text("{not json")
     with pytest.raises(ReidError, match=r"--index: '.*meta.json' cannot be read \(JSONDecodeError\)"):
-        search.main(["query", "--index", str(idx), q])
+        search_cli.main(["query", "--index", str(idx), q])
     (idx / "meta.json").write_text("{}")
     (idx / "index.faiss").write_bytes(b"garbage")
     with pytest.raises(ReidError, match=r"--index: '.*index.faiss' cannot be read by faiss") as info:
-        search.main(["query", "--index", str(idx), q])
+        search_cli.main(["query", "--index", str(idx), q])
     assert "\n" not in str(info.value)
 
 
@@ -268,7 +268,7 @@ def test_real_checkpoint_transform_is_read_from_its_config(tmp_path, veri_dir, c
     torch.manual_seed(0)
     torch.save({"model": build_model(cfg.model).state_dict(), "config": config_to_dict(cfg)}, tmp_path / "r18.pt")
     out = tmp_path / "idx"
-    search.main(["index", "--checkpoint", str(tmp_path / "r18.pt"), "--dataset", "veri776", str(veri_dir), "query",
+    search_cli.main(["index", "--checkpoint", str(tmp_path / "r18.pt"), "--dataset", "veri776", str(veri_dir), "query",
                  "--out", str(out), "--device", "cpu"])
     assert json.loads((out / "meta.json").read_text())["transform"] == {"height": 32, "width": 16, "flip": False}
     capsys.readouterr()
