@@ -1,24 +1,28 @@
-"""Exact mAP / CMC for re-identification, chunked over queries (DESIGN §5, issue 4 item 6).
+"""Exact mAP / mINP / CMC for re-identification, chunked over queries (DESIGN §5, issue 4 item 6, issue 12 item 2).
 
 Standard rule: for a query of identity ``p`` seen by camera ``c``, gallery images of identity ``p``
 *and* camera ``c`` are junk (ignored, neither hit nor miss); positives are the gallery images of ``p``
 from other cameras; everything else is a negative. A query with no positive is skipped and counted.
 Identities < 0 mean "unknown": such queries are skipped, such gallery images are always negatives.
 
-How it stays exact without sorting the gallery: for AP only the rank of each positive matters, and
-rank(k-th positive) = k + (number of negatives ranked above it). Per query chunk we take the (Qc, G)
-similarities once, sort only each query's few positive similarities, and `searchsorted` every gallery
-similarity into them; a histogram of those bucket ids, summed from the top, gives the number of
-negatives above every positive. Cost per chunk: one matrix product + one O(G·log P) pass, no
-O(G·log G) sort, and never the whole (Q, G) matrix at once.
+Ranks: the k-th best positive of a query (k = 1..P) has rank k + (number of negatives with a similarity
+≥ its own). So ties between a negative and a positive rank the negative *first* (pessimistic: it never
+inflates a score, and the result does not depend on the order of the gallery); ties between positives,
+or between negatives, change nothing. AP = mean over k of k / rank_k; CMC counts the rank of the best
+positive; mINP averages P / rank_P (rank of the hardest positive, Ye et al. 2021).
 
-Ties (a negative with exactly the similarity of a positive) rank the negative *first*. This is the
-pessimistic rule: it never inflates a score, and unlike "break ties by gallery index" the result does
-not depend on the order of the gallery. Ties between positives, or between negatives, change nothing.
+How it stays exact without sorting the gallery. Per query chunk the (Qc, G) similarities are computed
+once (the unavoidable matrix product). Negatives above a positive = items with a similarity ≥ it, minus
+the query's matches (positives + junk: a few, found through the gallery grouped by identity). Items ≥
+each positive are counted in one pass: every similarity gets a bin between the query's lowest and highest
+positive (`_bin_keys`, monotone in the similarity), a histogram counts the bins above a positive's bin,
+and only the few items that share a bin with a positive are compared exactly (`_count_at_least`).
+Working memory is ~12 bytes per (query, gallery) pair of one chunk, allocated once; a float32 tensor
+gallery is never copied.
 
-Similarity is the dot product of the L2-normalised float32 features (rows are re-normalised here, a
-no-op for unit rows), so the ranking equals the Euclidean-distance ranking. Everything runs on the
-device of `query_features`; numpy inputs run on the CPU.
+Similarity is the cosine of the float32 features (query rows re-normalised, gallery columns scaled by
+1/‖g‖), so the ranking equals the Euclidean-distance ranking of L2-normalised features. Everything runs
+on the device of `query_features`; numpy inputs run on the CPU.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 from reid.errors import ReidError
 
 _CHUNK_BYTES = 256 * 2**20  # working set per query chunk: ~12 bytes per (query, gallery) pair
+_BINS = 4096  # similarity bins per query between its lowest and highest positive (`_bin_keys`)
 
 
 def _tensor(x, name: str, device, dtype) -> torch.Tensor:
@@ -62,14 +67,15 @@ def _prepare(query_features, gallery_features, query_pids, gallery_pids, query_c
     for name, t in (("query_features", q), ("gallery_features", g)):
         if len(t) == 0:
             raise ReidError(f"evaluate: '{name}' is empty")
-        if not bool(torch.isfinite(t).all()):
+        if not _all_finite(t):
             raise ReidError(f"evaluate: '{name}' contains NaN or inf")
     return (q, g, *labels)
 
 
-def _unit_rows_(x: torch.Tensor) -> torch.Tensor:
-    """L2-normalise the rows of `x` in place (x must be our own copy)."""
-    return x.div_(x.norm(dim=1, keepdim=True).clamp_(min=1e-12))
+def _all_finite(x: torch.Tensor) -> bool:
+    """Finite row norms mean finite entries; only a non-finite norm (or an overflow) pays the full check,
+    which allocates a (rows, D) mask: seconds for a 128,000 × 2,048 gallery."""
+    return bool(torch.isfinite(torch.linalg.vector_norm(x, dim=-1)).all()) or bool(torch.isfinite(x).all())
 
 
 def pairwise_similarity(a, b) -> torch.Tensor:
@@ -85,83 +91,127 @@ def auto_chunk_size(num_gallery: int, budget_bytes: int = _CHUNK_BYTES) -> int:
 
 
 class _GalleryByIdentity:
-    """The gallery permuted so each identity is one contiguous slice [start, end): a query's
-    matches are then found by two binary searches instead of an (Qc, G) comparison."""
+    """Gallery indices grouped by identity: a query's matches (positives and junk) are one slice,
+    found by two binary searches instead of a (Qc, G) comparison."""
 
     def __init__(self, pids: torch.Tensor, cams: torch.Tensor):
         self.order = torch.argsort(pids, stable=True)
         self.pids, self.cams = pids[self.order], cams[self.order]
 
-    def positive_sims(self, sims: torch.Tensor, qpids: torch.Tensor, qcams: torch.Tensor):
-        """sims (Qc, G) in gallery-by-identity order → (ascending positive sims padded with +inf
-        (Qc, Pmax), positives per query (Qc,)); sets every match (positive or junk) in `sims` to -inf."""
+    def matches(self, qpids: torch.Tensor, qcams: torch.Tensor):
+        """qpids, qcams (Qc,) → cols (Qc, M) gallery indices of each query's identity (padded with a
+        valid index), is_match (Qc, M) for the real entries, is_positive (Qc, M) those from another camera."""
         start = torch.searchsorted(self.pids, qpids)
         count = torch.searchsorted(self.pids, qpids, right=True) - start
         count = torch.where(qpids < 0, torch.zeros_like(count), count)  # unknown identity: no matches
         width = int(count.max()) if len(count) else 0
-        if width == 0:
-            return sims.new_full((len(sims), 0), math.inf), count
-        slot = torch.arange(width, device=sims.device)
-        inside = slot[None, :] < count[:, None]
-        first = start.clamp(max=len(self.pids) - 1)[:, None]
-        cols = torch.where(inside, start[:, None] + slot[None, :], first)
-        positive = inside & (self.cams[cols] != qcams[:, None])
-        current = sims.gather(1, cols)
-        pos_sims = torch.where(positive, current, math.inf)
-        # Matches leave the negatives' histogram by dropping below every positive (bucket 0, never read).
-        # Padding slots repeat the row's first column and write the same value there, so the scatter is
-        # deterministic: -inf where the row has matches, the unchanged similarity where it has none.
-        sims.scatter_(1, cols, torch.where((count > 0)[:, None], -math.inf, current))
-        return torch.sort(pos_sims, dim=1).values, positive.sum(1)
+        slot = torch.arange(width, device=qpids.device)
+        is_match = slot[None, :] < count[:, None]
+        at = torch.where(is_match, start[:, None] + slot[None, :], torch.zeros_like(is_match, dtype=torch.int64))
+        is_positive = is_match & (self.cams[at] != qcams[:, None])
+        return self.order[at], is_match, is_positive
 
 
-def _chunk_ranks(sims: torch.Tensor, pos_sims: torch.Tensor, num_pos: torch.Tensor):
-    """→ (AP (Qc,), rank of the first positive (Qc,)), for rows with num_pos > 0 (others: garbage).
+def _bin_keys(sims: torch.Tensor, thresholds: torch.Tensor, valid: torch.Tensor, scratch: torch.Tensor,
+              keys: torch.Tensor) -> torch.Tensor:
+    """sims (Qc, G), thresholds (Qc, T) with valid (Qc, T) → keys (Qc, G) int32, row·(_BINS + 2) + bin,
+    written into `keys` by way of `scratch` (Qc, G) float32 (buffers reused across chunks: a fresh
+    100 MB tensor per chunk costs as much as the arithmetic, in page faults).
 
-    `sims` (Qc, G) has matches at -inf; `pos_sims` (Qc, Pmax) ascending, padded with +inf.
-    bucket_j = #positives with sim ≤ s_j, so negative j is above the k-th best positive iff
-    bucket_j ≥ P + 1 − k (ties: the negative first).
+    Bin 1.._BINS spans [lowest, highest] valid threshold of the row, 0 is below, _BINS + 1 above. Every
+    step (subtract, scale by a positive number, clamp, truncate) is monotone, so within a row a larger
+    similarity never gets a smaller key: keys decide every comparison except between items of one bin.
     """
-    qc, pmax = pos_sims.shape
-    if pmax == 0:  # no query of this chunk has a positive
-        return torch.zeros(qc, dtype=torch.float64, device=sims.device), torch.ones_like(num_pos)
-    bucket = torch.searchsorted(pos_sims, sims, right=True)
-    hist = torch.zeros(qc, pmax + 1, dtype=torch.int64, device=sims.device)
-    hist.scatter_add_(1, bucket, torch.ones(1, 1, dtype=torch.int64, device=sims.device).expand_as(bucket))
-    above = hist.flip(1).cumsum(1).flip(1)  # above[:, c] = #negatives with bucket ≥ c
-    k = torch.arange(1, pmax + 1, device=sims.device, dtype=torch.float64)
+    has_any = valid.any(1, keepdim=True)
+    lo = torch.where(valid, thresholds, math.inf).amin(1, keepdim=True)
+    hi = torch.where(valid, thresholds, -math.inf).amax(1, keepdim=True)
+    lo, hi = torch.where(has_any, lo, 0.0), torch.where(has_any, hi, 0.0)
+    # Finite and positive whatever the spread (no 0·inf = nan); the highest threshold lands in bin ≤ _BINS.
+    scale = (_BINS - 1) / (hi - lo).clamp_(min=1e-30, max=1e30)
+    torch.sub(sims, lo, out=scratch).mul_(scale).clamp_(-1, _BINS)
+    rows = torch.arange(len(sims), device=sims.device, dtype=torch.int32)[:, None]
+    return keys.copy_(scratch).add_(rows * (_BINS + 2) + 1)  # copy_ truncates toward zero
+
+
+def _count_at_least(sims: torch.Tensor, thresholds: torch.Tensor, threshold_cols: torch.Tensor,
+                    valid: torch.Tensor, scratch: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Exact number of items per row with a similarity ≥ each threshold, without sorting the rows.
+
+    sims (Qc, G); thresholds (Qc, T), entries of `sims` at columns threshold_cols (Qc, T); valid (Qc, T)
+    → (Qc, T) int64 (entries where not valid: meaningless). scratch, keys: buffers as in `_bin_keys`.
+    """
+    qc, g = sims.shape
+    keys = _bin_keys(sims, thresholds, valid, scratch, keys)
+    threshold_keys = keys.gather(1, threshold_cols).long()
+    shared = torch.zeros(qc * (_BINS + 2), dtype=torch.bool, device=sims.device)
+    shared[threshold_keys[valid]] = True
+    # Items in a bin no threshold shares: above a threshold iff their bin is (one histogram).
+    hist = torch.bincount(keys.view(-1), minlength=len(shared)).masked_fill_(shared, 0)
+    at_or_above = hist.view(qc, -1).flip(1).cumsum(1).flip(1).view(-1)
+    count = at_or_above[threshold_keys]
+    # Items sharing a bin with some threshold (a few per threshold): compared exactly, row by row.
+    near = shared.index_select(0, keys.view(-1)).nonzero().squeeze(1)
+    row, values = near // g, sims.view(-1)[near]
+    per_row = torch.bincount(row, minlength=qc)
+    width = int(per_row.max()) if len(near) else 0
+    slot = torch.arange(len(near), device=sims.device) - (per_row.cumsum(0) - per_row)[row]
+    padded = sims.new_full((qc, width), -math.inf)
+    padded[row, slot] = values
+    padded = padded.sort(dim=1).values
+    return count + width - torch.searchsorted(padded, thresholds)  # left side: first index ≥ threshold
+
+
+def _positive_ranks(sims: torch.Tensor, cols: torch.Tensor, is_match: torch.Tensor, is_positive: torch.Tensor,
+                    scratch: torch.Tensor, keys: torch.Tensor):
+    """sims (Qc, G); cols, is_match, is_positive (Qc, M) from `_GalleryByIdentity.matches`
+    → ranks (Qc, M) int64 of each query's positives, best first (entries k > num_pos: meaningless),
+    num_pos (Qc,). scratch, keys: buffers as in `_bin_keys`."""
+    match_sims = sims.gather(1, cols)
+    pos_sims, order = torch.where(is_positive, match_sims, -math.inf).sort(dim=1, descending=True)
+    num_pos = is_positive.sum(1)
+    k = torch.arange(1, cols.shape[1] + 1, device=sims.device)
     valid = k[None, :] <= num_pos[:, None]
-    c = (num_pos[:, None] + 1 - k[None, :].long()).clamp(0, pmax)
-    neg_above = above.gather(1, c)
-    precision = torch.where(valid, k[None, :] / (k[None, :] + neg_above), torch.zeros((), device=sims.device))
-    ap = precision.sum(1, dtype=torch.float64) / num_pos.clamp(min=1)
-    return ap, 1 + neg_above[:, 0]
+    at_least = _count_at_least(sims, pos_sims, cols.gather(1, order), valid, scratch, keys)
+    matches_sorted = torch.where(is_match, match_sims, -math.inf).sort(dim=1).values
+    matches_at_least = cols.shape[1] - torch.searchsorted(matches_sorted, pos_sims)
+    return k[None, :] + (at_least - matches_at_least), num_pos
 
 
-def _metrics(similarity_chunk: Callable[[int, int], torch.Tensor], num_queries: int,
+def _metrics(similarity_chunk: Callable[[int, int, torch.Tensor], torch.Tensor], num_queries: int,
              gallery: _GalleryByIdentity, query_pids, query_cams, chunk_size, max_rank) -> dict:
-    """`similarity_chunk(lo, hi)` → (hi - lo, G) similarities in gallery-by-identity column order."""
+    """`similarity_chunk(lo, hi, out)` writes the (hi - lo, G) similarities of queries lo..hi-1 to the
+    gallery into `out` and returns it."""
     if max_rank < 1:
         raise ReidError(f"evaluate: max_rank must be at least 1, got {max_rank}")
-    chunk = chunk_size or auto_chunk_size(len(gallery.pids))
-    aps, firsts, valid = [], [], []
+    # At most 2**31 / (_BINS + 2) queries per chunk: the (row, bin) keys are int32.
+    chunk = max(1, min(num_queries, chunk_size or auto_chunk_size(len(gallery.pids)), 2**31 // (_BINS + 2)))
+    # The working memory, ~12 bytes per (query, gallery) pair of a chunk, allocated once.
+    sims_buf = torch.empty(chunk, len(gallery.pids), device=query_pids.device)
+    scratch, keys = torch.empty_like(sims_buf), torch.empty_like(sims_buf, dtype=torch.int32)
+    aps, inps, firsts, valid = [], [], [], []
     for lo in range(0, num_queries, chunk):
         hi = min(num_queries, lo + chunk)
-        sims = similarity_chunk(lo, hi)
-        pos_sims, num_pos = gallery.positive_sims(sims, query_pids[lo:hi], query_cams[lo:hi])
-        ap, first = _chunk_ranks(sims, pos_sims, num_pos)
-        aps.append(ap)
-        firsts.append(first)
+        cols, is_match, is_positive = gallery.matches(query_pids[lo:hi], query_cams[lo:hi])
+        if cols.shape[1] == 0:  # no query of this chunk has a gallery image of its identity
+            cols, is_match, is_positive = (torch.zeros(hi - lo, 1, dtype=x.dtype, device=x.device)
+                                           for x in (cols, is_match, is_positive))
+        sims = similarity_chunk(lo, hi, sims_buf[:hi - lo])
+        ranks, num_pos = _positive_ranks(sims, cols, is_match, is_positive, scratch[:hi - lo], keys[:hi - lo])
+        k = torch.arange(1, ranks.shape[1] + 1, device=ranks.device, dtype=torch.float64)
+        precision = torch.where(k[None, :] <= num_pos[:, None], k[None, :] / ranks, 0.0)
+        aps.append(precision.sum(1, dtype=torch.float64) / num_pos.clamp(min=1))
+        last = ranks.gather(1, (num_pos - 1).clamp(min=0)[:, None])[:, 0]
+        inps.append(num_pos.double() / last)
+        firsts.append(ranks[:, 0])
         valid.append(num_pos > 0)
-        del sims
     valid = torch.cat(valid)
     n_valid = int(valid.sum())
     if n_valid == 0:
         raise ReidError(f"evaluate: none of the {num_queries} queries has a gallery image of its identity "
                         f"from another camera (check the query/gallery split, pids and cams)")
-    ap, first = torch.cat(aps)[valid], torch.cat(firsts)[valid]
+    first = torch.cat(firsts)[valid]
     # Every value is a plain number (callers do `float(v)` over the dict); CMC at 1, 5, 10 and max_rank.
-    result = {"mAP": ap.mean().item()}
+    result = {"mAP": torch.cat(aps)[valid].mean().item(), "mINP": torch.cat(inps)[valid].mean().item()}
     for r in sorted({1, 5, 10, max_rank}):
         result[f"rank{r}"] = (first <= r).double().mean().item()
     return {**result, "valid_queries": n_valid, "skipped_queries": num_queries - n_valid}
@@ -169,21 +219,22 @@ def _metrics(similarity_chunk: Callable[[int, int], torch.Tensor], num_queries: 
 
 def evaluate(query_features, gallery_features, query_pids, gallery_pids, query_cams, gallery_cams,
              *, chunk_size: int | None = None, max_rank: int = 10) -> dict:
-    """Exact mAP and CMC with the standard rule (module docstring).
+    """Exact mAP, mINP and CMC with the standard rule and the tie rule of the module docstring.
 
-    query_features (Q, D), gallery_features (G, D): L2-normalised, torch (any device) or numpy.
+    query_features (Q, D), gallery_features (G, D): torch (any device) or numpy; rows need not be unit.
     query_pids/query_cams (Q,), gallery_pids/gallery_cams (G,): integers.
     chunk_size: queries per chunk (default: ~256 MiB of working memory).
-    → {"mAP", "rank1", "rank5", "rank10" (and "rank<max_rank>"): float in [0, 1],
+    → {"mAP", "mINP", "rank1", "rank5", "rank10" (and "rank<max_rank>"): float in [0, 1],
        "valid_queries": int, "skipped_queries": int}. Raises ReidError when no query is valid.
     """
     q, g, qp, gp, qc, gc = _prepare(query_features, gallery_features, query_pids, gallery_pids,
                                     query_cams, gallery_cams)
-    gallery = _GalleryByIdentity(gp, gc)
-    g_sorted = _unit_rows_(g[gallery.order])  # the only copy of the gallery: (G, D) in identity order
-    del g
-    return _metrics(lambda lo, hi: F.normalize(q[lo:hi], dim=1) @ g_sorted.T, len(q), gallery, qp, qc,
-                    chunk_size, max_rank)
+    inv_norm = 1.0 / torch.linalg.vector_norm(g, dim=1).clamp_(min=1e-12)  # (G,): no copy of the gallery
+
+    def similarity_chunk(lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(F.normalize(q[lo:hi], dim=1), g.T, out=out).mul_(inv_norm)
+
+    return _metrics(similarity_chunk, len(q), _GalleryByIdentity(gp, gc), qp, qc, chunk_size, max_rank)
 
 
 def evaluate_distances(distances, query_pids, gallery_pids, query_cams, gallery_cams,
@@ -191,7 +242,7 @@ def evaluate_distances(distances, query_pids, gallery_pids, query_cams, gallery_
     """Same metrics from a precomputed (Q, G) distance matrix (smaller = closer), e.g. `reid.rerank.rerank`."""
     device = distances.device if isinstance(distances, torch.Tensor) else torch.device("cpu")
     d = _tensor(distances, "distances", device, torch.float32)
-    if d.dim() != 2 or not bool(torch.isfinite(d).all()):
+    if d.dim() != 2 or not _all_finite(d):
         raise ReidError(f"evaluate: 'distances' must be a finite (Q, G) matrix, got shape {tuple(d.shape)}")
     qp, gp, qc, gc = (_tensor(x, n, device, torch.int64).reshape(-1) for x, n in (
         (query_pids, "query_pids"), (gallery_pids, "gallery_pids"),
@@ -199,8 +250,8 @@ def evaluate_distances(distances, query_pids, gallery_pids, query_cams, gallery_
     if len(qp) != d.shape[0] or len(qc) != d.shape[0] or len(gp) != d.shape[1] or len(gc) != d.shape[1]:
         raise ReidError(f"evaluate: distances {tuple(d.shape)} do not match {len(qp)} query and "
                         f"{len(gp)} gallery labels")
-    gallery = _GalleryByIdentity(gp, gc)
-    return _metrics(lambda lo, hi: -d[lo:hi][:, gallery.order], d.shape[0], gallery, qp, qc, chunk_size, max_rank)
+    return _metrics(lambda lo, hi, out: torch.neg(d[lo:hi], out=out), d.shape[0], _GalleryByIdentity(gp, gc),
+                    qp, qc, chunk_size, max_rank)
 
 
 def top_matches(query_features, gallery_features, query_pids=None, gallery_pids=None, query_cams=None,

@@ -1,4 +1,4 @@
-"""evaluate(): exact mAP / CMC against a brute-force full-sort reference written from the standard rule."""
+"""evaluate(): exact mAP / mINP / CMC against a brute-force full-sort reference written from the standard rule."""
 import numpy as np
 import pytest
 import torch
@@ -8,22 +8,33 @@ from reid.evaluation import (evaluate, evaluate_distances, pairwise_similarity, 
                              top_matches)
 
 
-def brute_force(qf, gf, qp, gp, qc, gc):
-    """Full argsort per query; junk = same pid and same camera; AP = mean precision@k at each hit."""
-    dist = ((qf[:, None, :].astype(np.float64) - gf[None].astype(np.float64)) ** 2).sum(-1)
-    aps, first_hits = [], []
-    for i in range(len(qf)):
-        order = np.argsort(dist[i], kind="stable")
-        junk = (gp[order] == qp[i]) & (gc[order] == qc[i])
-        is_match = (gp[order] == qp[i])[~junk]
-        if not is_match.any():
+def brute_force_distances(dist, qp, gp, qc, gc):
+    """Per query: drop junk (same pid and same camera), sort the whole gallery by distance with ties put
+    negatives before positives, then AP = mean precision at each positive, INP = positives / rank of
+    the last positive, CMC from the first positive. Queries of unknown identity (< 0) or without a
+    positive are skipped."""
+    qp, gp, qc, gc = (np.asarray(x) for x in (qp, gp, qc, gc))
+    aps, inps, first_hits = [], [], []
+    for i in range(len(dist)):
+        keep = ~((gp == qp[i]) & (gc == qc[i]))
+        is_positive = (gp == qp[i])[keep]
+        if qp[i] < 0 or not is_positive.any():
             continue
-        hit_ranks = np.flatnonzero(is_match) + 1
+        order = np.lexsort((is_positive, dist[i][keep]))  # by distance, then False (negative) first
+        hit_ranks = np.flatnonzero(is_positive[order]) + 1
         aps.append(np.mean(np.arange(1, len(hit_ranks) + 1) / hit_ranks))
+        inps.append(len(hit_ranks) / hit_ranks[-1])
         first_hits.append(hit_ranks[0])
     first = np.array(first_hits)
-    return {"mAP": float(np.mean(aps)), "rank1": float((first <= 1).mean()), "rank5": float((first <= 5).mean()),
-            "rank10": float((first <= 10).mean()), "valid_queries": len(aps), "skipped_queries": len(qf) - len(aps)}
+    return {"mAP": float(np.mean(aps)), "mINP": float(np.mean(inps)), "rank1": float((first <= 1).mean()),
+            "rank5": float((first <= 5).mean()), "rank10": float((first <= 10).mean()),
+            "valid_queries": len(aps), "skipped_queries": len(dist) - len(aps)}
+
+
+def brute_force(qf, gf, qp, gp, qc, gc):
+    """`brute_force_distances` on the float64 Euclidean distances of the L2-normalised features."""
+    qf, gf = (x.astype(np.float64) / np.linalg.norm(x, axis=1, keepdims=True) for x in (qf, gf))
+    return brute_force_distances(((qf[:, None, :] - gf[None]) ** 2).sum(-1), qp, gp, qc, gc)
 
 
 def unit(rng, n, d):
@@ -38,7 +49,7 @@ def random_split(seed, q=40, g=300, d=16, ids=20, cams=5):
 
 
 def assert_same_metrics(result, expected):
-    for key in ("mAP", "rank1", "rank5", "rank10"):
+    for key in ("mAP", "mINP", "rank1", "rank5", "rank10"):
         assert result[key] == pytest.approx(expected[key], abs=1e-9), key
     assert result["valid_queries"] == expected["valid_queries"]
     assert result["skipped_queries"] == expected["skipped_queries"]
@@ -121,6 +132,58 @@ def test_ties_between_a_negative_and_a_positive_rank_the_negative_first():
         assert result["mAP"] == pytest.approx((1 / 2 + 2 / 3) / 2)  # positives at ranks 2 and 3
 
 
+def test_minp_is_positives_over_the_rank_of_the_hardest_positive():
+    # Query similarities: junk 0.95, negative 0.9, positive 0.8, negatives 0.7 and 0.6, positive 0.5.
+    sims = np.array([0.95, 0.9, 0.8, 0.7, 0.6, 0.5])
+    gf = np.stack([sims, np.sqrt(1 - sims**2)], 1).astype(np.float32)
+    result = evaluate(np.array([[1.0, 0.0]], np.float32), gf, [3], [3, 4, 3, 5, 6, 3], [0], [0, 1, 1, 1, 1, 2])
+    assert result["mINP"] == pytest.approx(2 / 5)  # positives at ranks 2 and 5 once the junk is dropped
+    assert result["mAP"] == pytest.approx((1 / 2 + 2 / 5) / 2)
+    assert result["rank1"] == 0.0 and result["rank5"] == 1.0
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, None])
+def test_exact_ties_rank_negatives_before_positives_whatever_the_chunk_or_gallery_order(chunk_size):
+    # Six distinct gallery points (one-hot rows: every similarity is exactly a query coordinate), so
+    # each score is shared by ~30 positives, negatives and junk images at once.
+    rng = np.random.default_rng(15)
+    gf = np.eye(6, dtype=np.float32)[rng.integers(0, 6, 200)]
+    qf, qp, gp = unit(rng, 30, 6), rng.integers(0, 8, 30), rng.integers(0, 8, 200)
+    qc, gc = rng.integers(0, 3, 30), rng.integers(0, 3, 200)
+    expected = brute_force(qf, gf, qp, gp, qc, gc)
+    assert_same_metrics(evaluate(qf, gf, qp, gp, qc, gc, chunk_size=chunk_size), expected)
+    perm = rng.permutation(200)
+    assert_same_metrics(evaluate(qf, gf[perm], qp, gp[perm], qc, gc[perm], chunk_size=chunk_size), expected)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])
+def test_distances_with_many_ties_and_any_spread_match_brute_force(scale):
+    rng = np.random.default_rng(16)
+    dist = rng.integers(0, 6, (25, 120)).astype(np.float32) * np.float32(scale)
+    dist[3] = 0.0  # one query where everything ties
+    labels = (rng.integers(-1, 6, 25), rng.integers(-1, 6, 120), rng.integers(0, 3, 25), rng.integers(0, 3, 120))
+    expected = brute_force_distances(dist, *labels)
+    for chunk_size in (4, None):
+        assert_same_metrics(evaluate_distances(dist, *labels, chunk_size=chunk_size), expected)
+
+
+@pytest.mark.parametrize("bins", [1, 2, 16])
+def test_exact_when_many_gallery_items_share_a_score_bin_with_a_positive(monkeypatch, bins):
+    # With a handful of bins most items fall in a bin holding a positive: the exact comparison decides.
+    import reid.evaluation
+
+    monkeypatch.setattr(reid.evaluation, "_BINS", bins)
+    data = random_split(18, q=30, g=400, ids=6)
+    assert_same_metrics(evaluate(*data, chunk_size=7), brute_force(*data))
+
+
+def test_gallery_rows_need_not_be_unit_length():
+    qf, gf, qp, gp, qc, gc = random_split(17)
+    scales = np.random.default_rng(17).uniform(0.1, 10.0, (len(gf), 1)).astype(np.float32)
+    expected = brute_force(qf, gf, qp, gp, qc, gc)
+    assert_same_metrics(evaluate(qf * 3, gf * scales, qp, gp, qc, gc, chunk_size=6), expected)
+
+
 def test_perfect_features_score_one_and_values_stay_in_unit_range():
     pids = np.repeat(np.arange(6), 4)
     feats = np.eye(6, dtype=np.float32)[pids]
@@ -128,8 +191,8 @@ def test_perfect_features_score_one_and_values_stay_in_unit_range():
     perfect = evaluate(feats, feats, pids, pids, cams, cams, max_rank=3)
     assert perfect["mAP"] == 1.0 and perfect["rank1"] == perfect["rank3"] == perfect["rank10"] == 1.0
     noisy = evaluate(*random_split(6))
-    assert set(noisy) == {"mAP", "rank1", "rank5", "rank10", "valid_queries", "skipped_queries"}
-    assert all(0.0 <= noisy[k] <= 1.0 for k in ("mAP", "rank1", "rank5", "rank10"))
+    assert set(noisy) == {"mAP", "mINP", "rank1", "rank5", "rank10", "valid_queries", "skipped_queries"}
+    assert all(0.0 <= noisy[k] <= 1.0 for k in ("mAP", "mINP", "rank1", "rank5", "rank10"))
     assert noisy["rank1"] <= noisy["rank5"] <= noisy["rank10"]
 
 
