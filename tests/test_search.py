@@ -10,7 +10,6 @@ from torch import nn
 
 from reid import search, search_cli
 from reid.errors import ReidError
-from reid.visualize import GREEN, GREY, RED, save_retrieval_grid
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (220, 210, 30)}
 SETTINGS = {"height": 8, "width": 8, "flip": True}
@@ -276,34 +275,3 @@ def test_real_checkpoint_transform_is_read_from_its_config(tmp_path, veri_dir, c
     first = run_json(["query", "--index", str(out), q, "--json", "--topk", "1"], capsys)[0]["hits"][0]
     assert (first["path"], first["camera"], first["pid"]) == (q, "c004", 2)
     assert first["score"] == pytest.approx(1.0, abs=1e-5)
-
-# --- retrieval picture ---------------------------------------------------------------------------
-
-def frame_colour(img, row, col, cell=24, border=3, gap=12):
-    pitch_w, pitch_h = cell + 2 * border + 4, cell + 2 * border + 14 + 4
-    x = col * pitch_w + (gap if col else 0) + 2 + 1
-    return img.getpixel((x, row * pitch_h + 2 + 1))
-
-
-def test_picture_frames_matches_green_others_red_and_same_camera_junk_grey(tmp_path):
-    q = [write_image(tmp_path / "q0.jpg", (0, 0, 0))]
-    g = [write_image(tmp_path / f"g{k}.jpg", (10 * k, 0, 0)) for k in range(4)]
-    # Ranked: g0 (same id, same camera: junk), g1 (other id), g2 (same id, other camera), g3 (other id).
-    path = save_retrieval_grid(str(tmp_path / "grid.png"), q, g, [[0, 1, 2, 3]], [5], [5, 6, 5, 7], [0], [0, 1, 1, 2],
-                               topk=3, cell=(24, 24), border=3)
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        assert img.size == ((24 + 10) * 4 + 12, 24 + 10 + 14)
-        assert [frame_colour(img, 0, c) for c in (1, 2, 3)] == [GREY, RED, GREEN]
-
-
-def test_picture_without_identities_uses_neutral_frames_and_checks_shapes(tmp_path):
-    q = [write_image(tmp_path / "q.jpg", (0, 0, 0))]
-    g = [write_image(tmp_path / "g.jpg", (9, 9, 9))]
-    path = save_retrieval_grid(str(tmp_path / "n.png"), q, g, [[0, -1]], cell=(24, 24), border=3, topk=2)
-    with Image.open(path) as img:
-        assert frame_colour(img.convert("RGB"), 0, 1) == GREY
-    with pytest.raises(ReidError, match="ranked_gallery_idx"):
-        save_retrieval_grid(str(tmp_path / "x.png"), q, g, [[0], [0]])
-    with pytest.raises(ReidError, match="cannot read image"):
-        save_retrieval_grid(str(tmp_path / "x.png"), [str(tmp_path / "missing.jpg")], g, [[0]])

@@ -40,3 +40,15 @@ def test_camera_chart_draws_one_bar_per_camera_with_its_height(tmp_path):
     assert len(starts) == 2 and heights[0] == 200 and heights[1] == 100  # NaN: an empty slot
     with pytest.raises(ReidError, match="one of each per camera"):
         save_camera_map_chart(str(tmp_path / "x.png"), ["c1"], [0.1, 0.2], [1, 1])
+
+
+def test_picture_without_identities_uses_neutral_frames_and_checks_shapes(tmp_path):
+    q = [write_image(tmp_path / "q.jpg", (0, 0, 0))]
+    g = [write_image(tmp_path / "g.jpg", (9, 9, 9))]
+    path = save_retrieval_grid(str(tmp_path / "n.png"), q, g, [[0, -1]], cell=(24, 24), border=3, topk=2)
+    with Image.open(path) as img:
+        assert frame_colour(img.convert("RGB"), 0, 1) == GREY
+    with pytest.raises(ReidError, match="ranked_gallery_idx"):
+        save_retrieval_grid(str(tmp_path / "x.png"), q, g, [[0], [0]])
+    with pytest.raises(ReidError, match="cannot read image"):
+        save_retrieval_grid(str(tmp_path / "x.png"), [str(tmp_path / "missing.jpg")], g, [[0]])
