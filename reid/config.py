@@ -92,6 +92,7 @@ class TrainConfig:
     amp: bool = False              # bf16 autocast on CUDA
     dtype: str = "float32"         # float64: slow, for exactness checks (README "Same model at any world size")
     resume: bool = True            # resume from output_dir's checkpoint when one exists
+    skip_nonfinite: bool = False   # a NaN/Inf loss: False = stop naming step and part, True = skip the step
     log_every: int = 20
 
 

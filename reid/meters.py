@@ -32,6 +32,7 @@ class TrainMeter:
         self.window = torch.zeros(len(PARTS), dtype=torch.float64, device=device)  # since the last log point
         self.precision = torch.zeros(4, dtype=torch.float64, device=device)  # hard hits/mined, easy hits/mined
         self.steps = self.window_steps = self.images = 0
+        self.skipped = 0  # steps dropped for a non-finite loss (train.skip_nonfinite), the same on every rank
         self.start = time.time()
 
     def update(self, step: int, parts: dict, total: torch.Tensor, rows: torch.Tensor, warmup: bool) -> str | None:
@@ -75,6 +76,8 @@ class TrainMeter:
         means = (self.sums / max(1, self.steps)).tolist()
         out = dict(zip(PARTS, means))
         out["images_per_s_per_rank"] = self.images / elapsed
+        if self.skipped:
+            out["skipped_steps"] = self.skipped
         precision = dist.sum_across_ranks(self.precision).tolist()
         if precision[1] > 0:
             out["hard_positive_precision"] = precision[0] / precision[1]

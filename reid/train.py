@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import shutil
 
 import numpy as np
 import torch
@@ -20,7 +19,8 @@ from tqdm import tqdm
 
 from reid import dist
 from reid.batchnorm import convert_batchnorm, merge_running_stats
-from reid.config import Config, config_from_dict, config_to_dict, save_config
+from reid.checkpoint import check_output_dir, checkpoint_bytes, load_for_resume, save_checkpoint, unwrap
+from reid.config import Config, config_from_dict, save_config
 from reid.data.images import TrainBatch, TrainImages, eval_transform, train_transform
 from reid.data.readers import load_dataset
 from reid.data.sampler import GlobalBatchSampler, partition_cameras, shard_imbalance
@@ -33,7 +33,6 @@ from reid.model import build_model
 from reid.report import embed_for_evaluation, save_evaluation_pictures, score, write_report
 from reid.sharded_loss import sharded_ctacl_loss
 
-CHECKPOINT = "checkpoint.pt"
 TRAIN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -95,6 +94,12 @@ def train_one_epoch(model, loader, bank: MemoryBank, optimizer, cfg: Config, env
             hard_topk=lc.topk if lc.hard_positives else 0, easy_topk=lc.topk if lc.easy_positives else 0)
         optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
+        bad = nonfinite_ranks(parts["loss"])
+        if bool(bad.any()):  # the same answer on every rank, so all stop or all skip together
+            if not cfg.train.skip_nonfinite:
+                raise ReidError(nonfinite_message(cfg, epoch, step, bad, parts))
+            meter.skipped += 1  # no optimizer step, no memory update: the step never happened
+            continue
         optimizer.step()
         bank.update(rows, features.detach().to(dtype))  # after the loss, never before it (DESIGN §3)
         total = parts["intra"] if warmup else parts["inter"] + lc.cam_weight * parts["cam"]
@@ -102,6 +107,22 @@ def train_one_epoch(model, loader, bank: MemoryBank, optimizer, cfg: Config, env
         if shown is not None:
             bar.set_postfix(loss=shown)
     return meter.summary()
+
+
+def nonfinite_ranks(loss: torch.Tensor) -> torch.Tensor:
+    """(R,) bool: which ranks' loss is NaN or infinite; one small all-reduce, the same on every rank."""
+    flags = torch.zeros(dist.world_size(), device=loss.device)
+    flags[dist.rank()] = (~torch.isfinite(loss.detach())).float()
+    return dist.sum_across_ranks(flags) > 0
+
+
+def nonfinite_message(cfg: Config, epoch: int, step: int, bad: torch.Tensor, parts: dict) -> str:
+    ranks = torch.nonzero(bad).flatten().tolist()
+    values = ", ".join(f"{k} {float(parts[k]):.4g}" for k in ("intra", "inter", "cam"))
+    return (f"non-finite loss at epoch {epoch} step {step} on rank(s) {ranks} ({values}; this rank's loss "
+            f"{float(parts['loss'].detach()):.4g}): training stopped; the last complete checkpoint in "
+            f"{cfg.output_dir} is intact. Expected finite losses (lower train.lr?), or train.skip_nonfinite=true "
+            "to skip such steps")
 
 
 def same_batchnorm_statistics(model, cfg: Config, env, own_images: int) -> None:
@@ -112,7 +133,7 @@ def same_batchnorm_statistics(model, cfg: Config, env, own_images: int) -> None:
     owns, so that no stored model carries one shard's statistics.
     """
     if env.world_size > 1 and cfg.model.batchnorm == "per_rank":
-        merge_running_stats(_unwrap(model), float(own_images))
+        merge_running_stats(unwrap(model), float(own_images))
 
 
 def evaluation_point(name: str, epoch: int, model, dataset, cfg: Config, env, metrics: dict, writer,
@@ -121,7 +142,7 @@ def evaluation_point(name: str, epoch: int, model, dataset, cfg: Config, env, me
     ``metrics[name]``, in TensorBoard at ``epoch`` (scalars, the retrieval grid, the per-camera mAP chart) and as
     pictures under ``output_dir/pictures``. ``features`` receives the embeddings."""
     features = {} if features is None else features
-    features.update(embed_for_evaluation(_unwrap(model), dataset, cfg, env.device))
+    features.update(embed_for_evaluation(unwrap(model), dataset, cfg, env.device))
     if dist.is_main():
         result = score(features, cfg)
         for key, value in result.items():
@@ -135,33 +156,12 @@ def evaluation_point(name: str, epoch: int, model, dataset, cfg: Config, env, me
     dist.barrier()
 
 
-def save_checkpoint(cfg: Config, model, optimizer, bank: MemoryBank, next_epoch: int, metrics: dict) -> None:
-    """Memory shards into a fresh per-epoch folder first, then the checkpoint that points at it (atomic replace):
-    a pre-emption at any moment leaves the previous complete checkpoint in place."""
-    out = cfg.output_dir
-    memory_dir = os.path.join(out, f"memory_e{next_epoch:04d}")
-    bank.save(memory_dir)
-    dist.barrier()
-    if dist.is_main():
-        state = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": next_epoch,
-                 "memory_dir": os.path.basename(memory_dir), "metrics": metrics, "config": config_to_dict(cfg)}
-        tmp = os.path.join(out, CHECKPOINT + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, os.path.join(out, CHECKPOINT))
-        for name in os.listdir(out):
-            if name.startswith("memory_e") and name != os.path.basename(memory_dir):
-                shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-    dist.barrier()
-
-
 # BatchNorm buffers are made equal by the BatchNorm itself (or merged, per_rank), not copied from rank 0 at every
 # forward. Newer torch names the switch forward_sync_buffers (broadcast_buffers is deprecated there).
 _NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                    else {"broadcast_buffers": False})
 
 
-def _unwrap(model):
-    return model.module if isinstance(model, DDP) else model
 
 
 def main(cfg: Config) -> dict:
@@ -178,7 +178,7 @@ def _run(cfg: Config, env) -> dict:
                         "from one embedding pass); expected small, medium or large for training")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    check_output_dir(cfg.output_dir, 0)  # creatable and writable before the data is even read
     dataset = prepare_dataset(cfg)
     train = dataset.train
     num_cameras = len(dataset.camera_names)
@@ -210,21 +210,16 @@ def _run(cfg: Config, env) -> dict:
             model = convert_batchnorm(model)
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None, **_NO_BUFFER_SYNC)
     bank = MemoryBank(torch.as_tensor(own), torch.as_tensor(train.cams[own]), torch.as_tensor(train.tracklets[own]),
-                      dim=_unwrap(model).dim, num_cameras=num_cameras, device=env.device,
+                      dim=unwrap(model).dim, num_cameras=num_cameras, device=env.device,
                       dtype=memory_dtype(cfg))
-    optimizer = torch.optim.SGD(_unwrap(model).parameter_groups(cfg.train.lr, cfg.train.backbone_lr),
+    optimizer = torch.optim.SGD(unwrap(model).parameter_groups(cfg.train.lr, cfg.train.backbone_lr),
                                 lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay,
                                 nesterov=True)
 
-    start_epoch, metrics = 0, {}
-    ckpt_path = os.path.join(cfg.output_dir, CHECKPOINT)
-    if cfg.train.resume and os.path.isfile(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        _unwrap(model).load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        bank.load(os.path.join(cfg.output_dir, ckpt["memory_dir"]))
-        start_epoch, metrics = ckpt["epoch"], ckpt["metrics"]
-        log(f"resumed from epoch {start_epoch} ({ckpt_path})")
+    # Before any training: a folder that cannot take one checkpoint is a one-line error, not a lost run.
+    check_output_dir(cfg.output_dir, checkpoint_bytes(unwrap(model), 1, len(train), bank.dim,
+                                                      bank.rows.element_size()))
+    start_epoch, metrics = load_for_resume(cfg, model, optimizer, bank, log)
     if dist.is_main():
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     writer = SummaryWriter(os.path.join(cfg.output_dir, "tb")) if dist.is_main() else None
@@ -244,7 +239,7 @@ def _run(cfg: Config, env) -> dict:
         torch.manual_seed(cfg.seed * 100_003 + epoch * 101)
         sampler.set_epoch(epoch)
         if epoch % cfg.memory.refresh_every == 0:  # otherwise a resumed run continues with the saved memory
-            fill_memory(_unwrap(model), bank, train, cfg, env)
+            fill_memory(unwrap(model), bank, train, cfg, env)
         lr, backbone_lr = learning_rates(cfg, epoch)
         for group in optimizer.param_groups:
             group["lr"] = backbone_lr if group.get("name") == "backbone" else lr
@@ -259,6 +254,7 @@ def _run(cfg: Config, env) -> dict:
             writer.add_scalar("lr/new_layers", lr, epoch)
             writer.add_scalar("lr/backbone", backbone_lr, epoch)
             extra = "".join(f"  {k} {v:.3f}" for k, v in stats.items() if k.endswith("precision"))
+            extra += f"  skipped {stats['skipped_steps']} non-finite step(s)" if "skipped_steps" in stats else ""
             log(f"epoch {epoch} ({'warm-up' if warmup else 'full'}): loss {stats['loss']:.3f} "
                 f"intra {stats['intra']:.3f} inter {stats['inter']:.3f} cam {stats['cam']:.3f}  "
                 f"{stats['images_per_s_per_rank']:.0f} img/s/rank{extra}")
@@ -272,9 +268,9 @@ def _run(cfg: Config, env) -> dict:
     if "final" not in metrics:
         evaluation_point("final", cfg.train.epochs, model, dataset, cfg, env, metrics, writer, final_features)
     else:  # resumed after the final evaluation: the report's picture still needs the embeddings
-        final_features = embed_for_evaluation(_unwrap(model), dataset, cfg, env.device)
+        final_features = embed_for_evaluation(unwrap(model), dataset, cfg, env.device)
     if dist.is_main():
-        write_report(_unwrap(model), cfg, metrics, final_features)
+        write_report(unwrap(model), cfg, metrics, final_features)
         writer.close()
     dist.barrier()
     return metrics
