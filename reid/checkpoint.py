@@ -1,13 +1,21 @@
-"""Checkpoints of a run: where they go, what they hold, when a resume may use them (DESIGN §4, issue 13).
+"""Checkpoints of a run: complete or absent, where they go, when a resume may use them (DESIGN §4, issue 13).
 
-A checkpoint is ``output_dir/checkpoint.pt`` (model, optimizer, next epoch, metrics, config) pointing at a memory
-folder with one file per rank (rows by global id, so any world size can resume). Before training, the output folder
-must be creatable, writable and have room for one checkpoint; a resume refuses a checkpoint whose dataset or model
-differs from the config's, and logs the harmless differences.
+Layout under ``output_dir``: ``checkpoints/eNNNN.pt`` (model, optimizer, next epoch, metrics, config; rank 0),
+``checkpoints/eNNNN_memory/`` (one file per rank: rows by global id, so any world size can resume) and
+``checkpoints/eNNNN.json``, the manifest (world size, epoch, every file with its size and SHA-256), written last.
+A checkpoint exists only when its manifest does and every file matches it; each file is written to a temporary
+name, fsync'ed, renamed, and its folder fsync'ed, so a crash at any moment leaves the previous checkpoints whole.
+``checkpoint.pt`` at the top is a hard link to the newest state file (for tools that read it). The newest
+``train.keep_checkpoints`` are kept. A resume takes the newest complete checkpoint, names in one line any newer one
+that is truncated or corrupt, and refuses one of other data or another model.
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -18,7 +26,8 @@ from reid.config import Config, config_to_dict
 from reid.errors import ReidError
 from reid.memory import MemoryBank
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.pt"  # a link to the newest complete state file, for tools
+FOLDER = "checkpoints"
 # Keys whose change makes a checkpoint another run's: other data (rows would not match) or another network.
 BREAKING = ("data.format", "data.root", "data.protocol", "model.arch", "model.last_stride")
 BREAKING_SECTIONS = ("synth.",)  # the synthetic generator's settings define the data
@@ -77,12 +86,102 @@ def config_changes(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
     return breaking, harmless
 
 
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: str, obj=None, data: bytes | None = None) -> dict:
+    """Write ``torch.save(obj)`` (or raw ``data``) to ``path`` so that the name never points at a partial file:
+    temporary file, fsync, rename, fsync of the folder. Returns ``{"bytes", "sha256"}`` of what was written."""
+    if data is None:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        data = buffer.getvalue()
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifests(folder: str) -> list[str]:
+    """Manifest paths in ``folder``, newest checkpoint first."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted((os.path.join(folder, n) for n in os.listdir(folder) if re.fullmatch(r"e\d{4}\.json", n)),
+                  reverse=True)
+
+
+def verify(manifest_path: str) -> dict:
+    """The manifest of a complete checkpoint, or ReidError naming the first file that is missing, truncated or
+    corrupt."""
+    folder = os.path.dirname(manifest_path)
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ReidError(f"checkpoint manifest {manifest_path}: unreadable ({type(exc).__name__})") from None
+    for name, expected in files.items():
+        path = os.path.join(folder, name)
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+        if size != expected["bytes"]:
+            raise ReidError(f"checkpoint file {path}: {'missing' if size is None else f'{size} bytes'}, "
+                            f"expected {expected['bytes']} bytes (truncated or incomplete)")
+        if _sha256(path) != expected["sha256"]:
+            raise ReidError(f"checkpoint file {path}: checksum mismatch, expected the bytes its manifest names "
+                            "(corrupt)")
+    return manifest
+
+
+def newest_complete(folder: str, log) -> dict | None:
+    """The manifest of the newest complete checkpoint in ``folder`` (rank 0 reads and checks them); each newer one
+    that fails is named in one line. None when there is none."""
+    for path in _manifests(folder):
+        try:
+            manifest = verify(path)
+        except ReidError as exc:
+            log(f"skipping a damaged checkpoint: {exc}")
+            continue
+        manifest["path"] = path
+        return manifest
+    return None
+
+
 def load_for_resume(cfg: Config, model, optimizer, bank: MemoryBank, log) -> tuple[int, dict]:
-    """Resume from ``output_dir/checkpoint.pt`` when it exists (and train.resume): → (next epoch, metrics);
-    (0, {}) for a fresh run. A checkpoint of other data or another model is refused naming the keys."""
-    path = os.path.join(cfg.output_dir, CHECKPOINT)
-    if not (cfg.train.resume and os.path.isfile(path)):
+    """Resume from the newest complete checkpoint of ``output_dir`` (when train.resume): → (next epoch, metrics);
+    (0, {}) for a fresh run. A checkpoint of other data or another model is refused naming the keys. Runs written
+    before manifests existed resume from their ``checkpoint.pt``."""
+    if not cfg.train.resume:
         return 0, {}
+    folder = os.path.join(cfg.output_dir, FOLDER)
+    manifest = dist.broadcast_object(newest_complete(folder, log) if dist.is_main() else None)
+    if manifest is not None:
+        path = os.path.join(folder, manifest["state"])
+        memory_dir, names = os.path.join(folder, manifest["memory_dir"]), manifest["memory_files"]
+    elif _manifests(folder):  # checkpoints exist but none is complete: never restart silently from scratch
+        raise ReidError(f"{folder}: no complete checkpoint (each manifest names a damaged file, see above), "
+                        "expected at least one to resume; use another output_dir or train.resume=false")
+    else:  # a fresh run, or one written before manifests existed (checkpoint.pt + its memory folder)
+        path = os.path.join(cfg.output_dir, CHECKPOINT)
+        if not os.path.isfile(path):
+            return 0, {}
+        memory_dir, names = None, None
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     breaking, harmless = config_changes(ckpt.get("config", {}), cfg)
     if breaking:
@@ -92,25 +191,62 @@ def load_for_resume(cfg: Config, model, optimizer, bank: MemoryBank, log) -> tup
         log(f"resuming with a changed config: {'; '.join(harmless)}")
     unwrap(model).load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    bank.load(os.path.join(cfg.output_dir, ckpt["memory_dir"]))
+    bank.load(memory_dir or os.path.join(cfg.output_dir, ckpt["memory_dir"]), names)
     log(f"resumed from epoch {ckpt['epoch']} ({path})")
     return ckpt["epoch"], ckpt["metrics"]
 
 
 def save_checkpoint(cfg: Config, model, optimizer, bank: MemoryBank, next_epoch: int, metrics: dict) -> None:
-    """Memory shards into a fresh per-epoch folder first, then the checkpoint that points at it (atomic replace):
-    a pre-emption at any moment leaves the previous complete checkpoint in place."""
-    out = cfg.output_dir
-    memory_dir = os.path.join(out, f"memory_e{next_epoch:04d}")
-    bank.save(memory_dir)
+    """Every rank writes its memory rows, rank 0 the state and then the manifest (see the module docstring); the
+    newest ``train.keep_checkpoints`` are kept. Every rank must call it."""
+    folder = os.path.join(cfg.output_dir, FOLDER)
+    name = f"e{next_epoch:04d}"
+    memory_dir = os.path.join(folder, f"{name}_memory")
+    if dist.is_main() and os.path.isdir(memory_dir):  # left by an interrupted save: never mix its files in
+        shutil.rmtree(memory_dir)
     dist.barrier()
+    shards = dist.gather_objects(bank.save(memory_dir))
     if dist.is_main():
         state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": next_epoch,
-                 "memory_dir": os.path.basename(memory_dir), "metrics": metrics, "config": config_to_dict(cfg)}
-        tmp = os.path.join(out, CHECKPOINT + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, os.path.join(out, CHECKPOINT))
-        for name in os.listdir(out):
-            if name.startswith("memory_e") and name != os.path.basename(memory_dir):
-                shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+                 "memory_dir": os.path.join(FOLDER, f"{name}_memory"), "metrics": metrics,
+                 "config": config_to_dict(cfg)}
+        files = {f"{name}.pt": write_durably(os.path.join(folder, f"{name}.pt"), state)}
+        memory_files = {}
+        for shard in shards:
+            memory_files.update(shard)
+        files.update({f"{name}_memory/{n}": info for n, info in memory_files.items()})
+        manifest = {"epoch": next_epoch, "world_size": dist.world_size(), "state": f"{name}.pt",
+                    "memory_dir": f"{name}_memory", "memory_files": sorted(memory_files), "files": files}
+        write_durably(os.path.join(folder, f"{name}.json"), data=json.dumps(manifest, indent=1).encode())
+        link = os.path.join(cfg.output_dir, CHECKPOINT)
+        tmp = link + ".tmp"
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        try:
+            os.link(os.path.join(folder, f"{name}.pt"), tmp)
+        except OSError:  # a file system without hard links: a copy
+            shutil.copyfile(os.path.join(folder, f"{name}.pt"), tmp)
+        os.replace(tmp, link)
+        _prune(folder, cfg.train.keep_checkpoints)
     dist.barrier()
+
+
+def _prune(folder: str, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (manifest first, so none ever names a deleted file) and the
+    leftovers of interrupted saves older than the newest checkpoint."""
+    manifests = _manifests(folder)
+    for path in manifests[keep:]:
+        stem = path[: -len(".json")]
+        os.remove(path)
+        for leftover in (stem + ".pt", stem + "_memory"):
+            if os.path.isdir(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
+            elif os.path.exists(leftover):
+                os.remove(leftover)
+    kept = {os.path.basename(p)[: -len(".json")] for p in manifests[:keep]}
+    newest = max(kept) if kept else ""
+    for entry in os.listdir(folder):
+        stem = entry.split("_")[0].split(".")[0]
+        if re.fullmatch(r"e\d{4}", stem) and stem not in kept and stem < newest:
+            target = os.path.join(folder, entry)
+            shutil.rmtree(target, ignore_errors=True) if os.path.isdir(target) else os.remove(target)

@@ -93,6 +93,7 @@ class TrainConfig:
     dtype: str = "float32"         # float64: slow, for exactness checks (README "Same model at any world size")
     resume: bool = True            # resume from output_dir's checkpoint when one exists
     skip_nonfinite: bool = False   # a NaN/Inf loss: False = stop naming step and part, True = skip the step
+    keep_checkpoints: int = 2      # complete checkpoints kept in output_dir/checkpoints (the newest ones)
     log_every: int = 20
 
 
@@ -210,7 +211,7 @@ def validate(cfg: Config) -> Config:
     if cfg.train.dtype == "float64" and cfg.train.amp:
         raise ReidError("config keys 'train.dtype' / 'train.amp': float64 with bf16 autocast given, "
                         "expected train.amp=false with train.dtype=float64")
-    positive = ["train.epochs", "train.batch_size", "data.height", "data.width", "memory.refresh_every",
+    positive = ["train.epochs", "train.batch_size", "train.keep_checkpoints", "data.height", "data.width", "memory.refresh_every",
                 "eval.batch_size", "loss.temperature"]
     for key in positive:
         if get(cfg, key) <= 0:

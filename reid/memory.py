@@ -121,22 +121,26 @@ class MemoryBank:
         """Bytes held by this rank: rows plus ids, cameras and tracklets."""
         return sum(t.numel() * t.element_size() for t in (self.rows, self.global_ids, self.cams, self.tracklets))
 
-    def save(self, directory: str) -> None:
-        """Write this rank's rows keyed by global id to ``directory`` (atomic: temporary file + rename)."""
+    def save(self, directory: str) -> dict:
+        """Write this rank's rows keyed by global id to ``directory`` (durably: fsync'ed, then renamed).
+        Returns ``{file name: {"bytes", "sha256"}}`` for the checkpoint's manifest."""
+        from reid.checkpoint import write_durably
+
         os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, SHARD_PATTERN.format(rank=dist.rank(), world=dist.world_size()))
-        tmp = path + ".tmp"
-        torch.save({"global_ids": self.global_ids.cpu(), "rows": self.rows.cpu(), "cams": self.cams.cpu(),
-                    "tracklets": self.tracklets.cpu()}, tmp)
-        os.replace(tmp, path)
+        name = SHARD_PATTERN.format(rank=dist.rank(), world=dist.world_size())
+        state = {"global_ids": self.global_ids.cpu(), "rows": self.rows.cpu(), "cams": self.cams.cpu(),
+                 "tracklets": self.tracklets.cpu()}
+        return {name: write_durably(os.path.join(directory, name), state)}
 
     @torch.no_grad()
-    def load(self, directory: str) -> None:
-        """Take this rank's rows from whatever shard files ``directory`` holds (saved with any world size).
+    def load(self, directory: str, names: list[str] | None = None) -> None:
+        """Take this rank's rows from the shard files ``names`` in ``directory`` (saved with any world size; a
+        checkpoint's manifest names them), or from every shard file there when ``names`` is None (old layout).
 
         Reads one shard at a time, so no rank ever holds all N rows. Every own row must be found.
         """
-        files = sorted(glob.glob(os.path.join(directory, "memory_rank*_of*.pt")))
+        files = (sorted(glob.glob(os.path.join(directory, "memory_rank*_of*.pt"))) if names is None
+                 else [os.path.join(directory, n) for n in names])
         if not files:
             raise ReidError(f"memory checkpoint: no memory_rank*_of*.pt files in {directory}")
         have = torch.zeros(len(self), dtype=torch.bool, device=self.device)

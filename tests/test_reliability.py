@@ -61,7 +61,7 @@ def test_skip_nonfinite_drops_the_step_and_counts_it(tmp_path, monkeypatch):
 
 def test_resume_refuses_another_model_and_logs_harmless_changes(tmp_path, capsys):
     main(tiny_config(tmp_path, "train.epochs=1", "train.warmup_epochs=1"))
-    with pytest.raises(ReidError, match=r"checkpoint.pt: the checkpoint was trained with other data or another "
+    with pytest.raises(ReidError, match=r"e0001.pt: the checkpoint was trained with other data or another "
                                         r"model \(model.last_stride: 2 → 1\)"):
         main(tiny_config(tmp_path, "train.epochs=2", "train.warmup_epochs=1", "model.last_stride=1"))
     capsys.readouterr()
@@ -69,3 +69,46 @@ def test_resume_refuses_another_model_and_logs_harmless_changes(tmp_path, capsys
     out = capsys.readouterr().out
     assert "resuming with a changed config: eval.picture_queries: 3 → 2; train.epochs: 1 → 2" in out
     assert "resumed from epoch 1" in out
+
+
+def run3(tmp_path, *extra):
+    return main(tiny_config(tmp_path, "train.warmup_epochs=1", "memory.refresh_every=5", *extra))
+
+
+def test_checkpoints_are_manifested_the_newest_two_kept_and_checkpoint_pt_links_the_newest(tmp_path):
+    run3(tmp_path, "train.epochs=3")
+    folder = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["e0002.json", "e0002.pt", "e0002_memory",
+                                                         "e0003.json", "e0003.pt", "e0003_memory"]
+    import json
+
+    manifest = json.loads((folder / "e0003.json").read_text())
+    assert manifest["world_size"] == 1 and manifest["epoch"] == 3
+    assert set(manifest["files"]) == {"e0003.pt", "e0003_memory/memory_rank00000_of00001.pt"}
+    assert (tmp_path / "run" / "checkpoint.pt").stat().st_ino == (folder / "e0003.pt").stat().st_ino
+
+
+def test_a_truncated_newest_checkpoint_is_named_and_the_previous_complete_one_resumes(tmp_path, capsys):
+    run3(tmp_path, "train.epochs=3")
+    shard = tmp_path / "run" / "checkpoints" / "e0003_memory" / "memory_rank00000_of00001.pt"
+    shard.write_bytes(shard.read_bytes()[:100])  # a crash mid-write on a file system without fsync
+    capsys.readouterr()
+    metrics = run3(tmp_path, "train.epochs=4")
+    out = capsys.readouterr().out
+    assert f"skipping a damaged checkpoint: checkpoint file {shard}: 100 bytes, expected" in out
+    assert "resumed from epoch 2" in out and len(metrics["epochs"]) == 4
+
+
+def test_only_the_files_a_manifest_names_are_read_and_a_checkpoint_without_manifest_does_not_exist(tmp_path,
+                                                                                                     capsys):
+    run3(tmp_path, "train.epochs=3")
+    folder = tmp_path / "run" / "checkpoints"
+    (folder / "e0003_memory" / "memory_rank00001_of00002.pt").write_bytes(b"stale rows of another world size")
+    (folder / "e0003.json").unlink()  # a save interrupted before its manifest
+    capsys.readouterr()
+    run3(tmp_path, "train.epochs=3")
+    assert "resumed from epoch 2" in capsys.readouterr().out
+    (folder / "e0002.pt").write_bytes(b"garbage")
+    (folder / "e0003.json").unlink()
+    with pytest.raises(ReidError, match=r"checkpoints: no complete checkpoint"):
+        run3(tmp_path, "train.epochs=4")
