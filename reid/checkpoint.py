@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 
 import torch
 
@@ -123,7 +124,7 @@ def _manifests(folder: str) -> list[str]:
     """Manifest paths in ``folder``, newest checkpoint first."""
     if not os.path.isdir(folder):
         return []
-    return sorted((os.path.join(folder, n) for n in os.listdir(folder) if re.fullmatch(r"e\d{4}\.json", n)),
+    return sorted((os.path.join(folder, n) for n in os.listdir(folder) if re.fullmatch(r"e\d{4}(s\d{6})?\.json", n)),
                   reverse=True)
 
 
@@ -163,12 +164,23 @@ def newest_complete(folder: str, log) -> dict | None:
     return None
 
 
-def load_for_resume(cfg: Config, model, optimizer, bank: MemoryBank, log) -> tuple[int, dict]:
-    """Resume from the newest complete checkpoint of ``output_dir`` (when train.resume): → (next epoch, metrics);
-    (0, {}) for a fresh run. A checkpoint of other data or another model is refused naming the keys. Runs written
-    before manifests existed resume from their ``checkpoint.pt``."""
+@dataclass
+class Resume:
+    """Where a run continues: epoch and step (0 = the epoch's start), metrics so far, and for a mid-epoch
+    checkpoint every rank's meter and the torch random state."""
+    epoch: int = 0
+    step: int = 0
+    metrics: dict = field(default_factory=dict)
+    meters: list | None = None
+    torch_rng: torch.Tensor | None = None
+
+
+def load_for_resume(cfg: Config, model, optimizer, bank: MemoryBank, log) -> Resume:
+    """Resume from the newest complete checkpoint of ``output_dir`` (when train.resume); ``Resume()`` for a fresh
+    run. A checkpoint of other data or another model is refused naming the keys. Runs written before manifests
+    existed resume from their ``checkpoint.pt``."""
     if not cfg.train.resume:
-        return 0, {}
+        return Resume()
     folder = os.path.join(cfg.output_dir, FOLDER)
     manifest = dist.broadcast_object(newest_complete(folder, log) if dist.is_main() else None)
     if manifest is not None:
@@ -180,7 +192,7 @@ def load_for_resume(cfg: Config, model, optimizer, bank: MemoryBank, log) -> tup
     else:  # a fresh run, or one written before manifests existed (checkpoint.pt + its memory folder)
         path = os.path.join(cfg.output_dir, CHECKPOINT)
         if not os.path.isfile(path):
-            return 0, {}
+            return Resume()
         memory_dir, names = None, None
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     breaking, harmless = config_changes(ckpt.get("config", {}), cfg)
@@ -192,15 +204,22 @@ def load_for_resume(cfg: Config, model, optimizer, bank: MemoryBank, log) -> tup
     unwrap(model).load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     bank.load(memory_dir or os.path.join(cfg.output_dir, ckpt["memory_dir"]), names)
-    log(f"resumed from epoch {ckpt['epoch']} ({path})")
-    return ckpt["epoch"], ckpt["metrics"]
+    step = ckpt.get("step", 0)
+    log(f"resumed from epoch {ckpt['epoch']}" + (f" step {step}" if step else "") + f" ({path})")
+    return Resume(ckpt["epoch"], step, ckpt["metrics"], ckpt.get("meters"), ckpt.get("torch_rng"))
 
 
-def save_checkpoint(cfg: Config, model, optimizer, bank: MemoryBank, next_epoch: int, metrics: dict) -> None:
+def save_checkpoint(cfg: Config, model, optimizer, bank: MemoryBank, next_epoch: int, metrics: dict,
+                    step: int = 0, meter_state: dict | None = None) -> None:
     """Every rank writes its memory rows, rank 0 the state and then the manifest (see the module docstring); the
-    newest ``train.keep_checkpoints`` are kept. Every rank must call it."""
+    newest ``train.keep_checkpoints`` are kept. Every rank must call it.
+
+    step > 0: a mid-epoch checkpoint (``eNNNNsSSSSSS``): training resumes in epoch ``next_epoch`` at ``step``,
+    with every rank's meter (``meter_state``) and the random state as they were.
+    """
     folder = os.path.join(cfg.output_dir, FOLDER)
-    name = f"e{next_epoch:04d}"
+    name = f"e{next_epoch:04d}" + (f"s{step:06d}" if step else "")
+    meters = dist.gather_objects(meter_state) if step else None
     memory_dir = os.path.join(folder, f"{name}_memory")
     if dist.is_main() and os.path.isdir(memory_dir):  # left by an interrupted save: never mix its files in
         shutil.rmtree(memory_dir)
@@ -208,6 +227,7 @@ def save_checkpoint(cfg: Config, model, optimizer, bank: MemoryBank, next_epoch:
     shards = dist.gather_objects(bank.save(memory_dir))
     if dist.is_main():
         state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": next_epoch,
+                 "step": step, "meters": meters, "torch_rng": torch.get_rng_state(),
                  "memory_dir": os.path.join(FOLDER, f"{name}_memory"), "metrics": metrics,
                  "config": config_to_dict(cfg)}
         files = {f"{name}.pt": write_durably(os.path.join(folder, f"{name}.pt"), state)}
@@ -215,7 +235,7 @@ def save_checkpoint(cfg: Config, model, optimizer, bank: MemoryBank, next_epoch:
         for shard in shards:
             memory_files.update(shard)
         files.update({f"{name}_memory/{n}": info for n, info in memory_files.items()})
-        manifest = {"epoch": next_epoch, "world_size": dist.world_size(), "state": f"{name}.pt",
+        manifest = {"epoch": next_epoch, "step": step, "world_size": dist.world_size(), "state": f"{name}.pt",
                     "memory_dir": f"{name}_memory", "memory_files": sorted(memory_files), "files": files}
         write_durably(os.path.join(folder, f"{name}.json"), data=json.dumps(manifest, indent=1).encode())
         link = os.path.join(cfg.output_dir, CHECKPOINT)
@@ -247,6 +267,6 @@ def _prune(folder: str, keep: int) -> None:
     newest = max(kept) if kept else ""
     for entry in os.listdir(folder):
         stem = entry.split("_")[0].split(".")[0]
-        if re.fullmatch(r"e\d{4}", stem) and stem not in kept and stem < newest:
+        if re.fullmatch(r"e\d{4}(s\d{6})?", stem) and stem not in kept and stem < newest:
             target = os.path.join(folder, entry)
             shutil.rmtree(target, ignore_errors=True) if os.path.isdir(target) else os.remove(target)

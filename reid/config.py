@@ -94,6 +94,8 @@ class TrainConfig:
     resume: bool = True            # resume from output_dir's checkpoint when one exists
     skip_nonfinite: bool = False   # a NaN/Inf loss: False = stop naming step and part, True = skip the step
     keep_checkpoints: int = 2      # complete checkpoints kept in output_dir/checkpoints (the newest ones)
+    checkpoint_every_steps: int = 0  # also a mid-epoch checkpoint every N steps (0 = at epoch ends only)
+    checkpoint_every_min: float = 0.0  # ... and/or every M minutes (decided by rank 0, for all ranks)
     log_every: int = 20
 
 
@@ -220,7 +222,8 @@ def validate(cfg: Config) -> Config:
         raise ReidError(f"config key 'train.batch_size': got {cfg.train.batch_size!r}, expected at least 2 "
                         "(the global batch; BatchNorm needs more than one image)")
     non_negative = ["train.warmup_epochs", "train.steps_per_epoch", "data.workers", "loss.topk", "loss.cam_weight",
-                    "train.lr", "train.backbone_lr", "eval.every", "eval.frames"]
+                    "train.lr", "train.backbone_lr", "eval.every", "eval.frames", "train.checkpoint_every_steps",
+                    "train.checkpoint_every_min"]
     for key in non_negative:
         if get(cfg, key) < 0:
             raise ReidError(f"config key '{key}': got {get(cfg, key)!r}, expected a value >= 0")

@@ -128,8 +128,10 @@ class MemoryBank:
 
         os.makedirs(directory, exist_ok=True)
         name = SHARD_PATTERN.format(rank=dist.rank(), world=dist.world_size())
+        # The running per-camera sums too: recomputing them from the rows on load would round differently, and a
+        # resumed run would no longer retrace an uninterrupted one bit for bit.
         state = {"global_ids": self.global_ids.cpu(), "rows": self.rows.cpu(), "cams": self.cams.cpu(),
-                 "tracklets": self.tracklets.cpu()}
+                 "tracklets": self.tracklets.cpu(), "sums": None if self._sums is None else self._sums.cpu()}
         return {name: write_durably(os.path.join(directory, name), state)}
 
     @torch.no_grad()
@@ -144,8 +146,12 @@ class MemoryBank:
         if not files:
             raise ReidError(f"memory checkpoint: no memory_rank*_of*.pt files in {directory}")
         have = torch.zeros(len(self), dtype=torch.bool, device=self.device)
+        sums = None
+        own_file = SHARD_PATTERN.format(rank=dist.rank(), world=dist.world_size())
         for path in files:
             shard = torch.load(path, map_location="cpu", weights_only=True)
+            if os.path.basename(path) == own_file and shard.get("sums") is not None:
+                sums = shard["sums"]  # saved by this rank at this world size: exactly this rank's rows
             if shard["rows"].shape[1:] != (self.dim,):
                 raise ReidError(f"memory checkpoint {path}: rows of width {shard['rows'].shape[1]}, "
                                 f"expected {self.dim}")
@@ -157,7 +163,7 @@ class MemoryBank:
             local = self._order[pos[mine]]
             self.rows[local] = shard["rows"].to(self.device)[mine].to(self.dtype)
             have[local] = True
-        self._sums = None
+        self._sums = None if sums is None else sums.to(self.device, self._work_dtype)
         if not bool(have.all()):
             missing = self.global_ids[~have][:5].tolist()
             raise ReidError(f"memory checkpoint {directory}: {int((~have).sum())} of this rank's rows are missing "

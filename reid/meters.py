@@ -35,6 +35,22 @@ class TrainMeter:
         self.skipped = 0  # steps dropped for a non-finite loss (train.skip_nonfinite), the same on every rank
         self.start = time.time()
 
+    def state(self) -> dict:
+        """What a mid-epoch checkpoint keeps of this rank's meter (plain Python values)."""
+        return {"sums": self.sums.tolist(), "precision": self.precision.tolist(), "steps": self.steps,
+                "images": self.images, "skipped": self.skipped}
+
+    def restore(self, states: list, rank: int, world_size: int) -> None:
+        """Continue from the states every rank saved (``state()``, in rank order). With the same world size each
+        rank takes its own; otherwise rank 0 takes the summed precision counts (they are summed over ranks at the
+        end anyway) and every rank the loss sums, which are the same on every rank."""
+        mine = states[rank] if len(states) == world_size else dict(states[0], images=0)
+        precision = mine["precision"] if len(states) == world_size else (
+            [sum(s["precision"][k] for s in states) for k in range(4)] if rank == 0 else [0.0] * 4)
+        self.sums = torch.tensor(mine["sums"], dtype=torch.float64, device=self.device)
+        self.precision = torch.tensor(precision, dtype=torch.float64, device=self.device)
+        self.steps, self.images, self.skipped = mine["steps"], mine["images"], mine["skipped"]
+
     def update(self, step: int, parts: dict, total: torch.Tensor, rows: torch.Tensor, warmup: bool) -> str | None:
         """Record one step: ``parts`` from the loss (0-dim tensors), ``total`` the logged total (the loss per
         DESIGN §3 without DDP's scaling), ``rows`` (b,) this rank's anchors. At log points (every ``log_every``

@@ -7,8 +7,10 @@ do not depend on the number of ranks, so 1, 2 or 8 ranks train the same model.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import os
+import time
 
 import numpy as np
 import torch
@@ -76,14 +78,17 @@ def fill_memory(model, bank: MemoryBank, train, cfg: Config, env) -> None:
 
 
 def train_one_epoch(model, loader, bank: MemoryBank, optimizer, cfg: Config, env, epoch: int, warmup: bool,
-                    meter: TrainMeter) -> dict:
-    """One pass over the epoch's global batches; this rank loads and embeds its cameras' part of each."""
+                    meter: TrainMeter, start_step: int = 0, save_step=None) -> dict:
+    """One pass over the epoch's global batches (from ``start_step`` when resuming mid-epoch); this rank loads and
+    embeds its cameras' part of each. ``save_step(step=, meter_state=)`` writes a mid-epoch checkpoint when one is
+    due (train.checkpoint_every_steps / _min)."""
     model.train()
+    last_save, end = time.time(), start_step + len(loader)
     lc = cfg.loss
     dtype = TRAIN_DTYPES[cfg.train.dtype]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.amp and env.device.type == "cuda")
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not dist.is_main(), leave=False)
-    for step, (images, cams, tracklets, rows) in enumerate(bar):
+    for step, (images, cams, tracklets, rows) in enumerate(bar, start=start_step):
         images = images.to(env.device, dtype, non_blocking=True)
         cams, tracklets, rows = (t.to(env.device, non_blocking=True) for t in (cams, tracklets, rows))
         with autocast:
@@ -94,7 +99,8 @@ def train_one_epoch(model, loader, bank: MemoryBank, optimizer, cfg: Config, env
             hard_topk=lc.topk if lc.hard_positives else 0, easy_topk=lc.topk if lc.easy_positives else 0)
         optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
-        bad = nonfinite_ranks(parts["loss"])
+        minutes = cfg.train.checkpoint_every_min
+        bad, time_due = step_flags(parts["loss"], minutes > 0 and time.time() - last_save >= 60 * minutes)
         if bool(bad.any()):  # the same answer on every rank, so all stop or all skip together
             if not cfg.train.skip_nonfinite:
                 raise ReidError(nonfinite_message(cfg, epoch, step, bad, parts))
@@ -106,14 +112,22 @@ def train_one_epoch(model, loader, bank: MemoryBank, optimizer, cfg: Config, env
         shown = meter.update(step, parts, total, rows, warmup)
         if shown is not None:
             bar.set_postfix(loss=shown)
+        every = cfg.train.checkpoint_every_steps
+        due = time_due or (every > 0 and (step + 1) % every == 0)
+        if save_step is not None and due and step + 1 < end:  # the epoch's end writes its own checkpoint
+            save_step(step=step + 1, meter_state=meter.state())
+            last_save = time.time()
     return meter.summary()
 
 
-def nonfinite_ranks(loss: torch.Tensor) -> torch.Tensor:
-    """(R,) bool: which ranks' loss is NaN or infinite; one small all-reduce, the same on every rank."""
-    flags = torch.zeros(dist.world_size(), device=loss.device)
+def step_flags(loss: torch.Tensor, save_due: bool) -> tuple[torch.Tensor, bool]:
+    """One small all-reduce per step, the same answer on every rank: which ranks' loss is NaN or infinite ((R,)
+    bool), and whether rank 0's clock says a mid-epoch checkpoint is due."""
+    flags = torch.zeros(dist.world_size() + 1, device=loss.device)
     flags[dist.rank()] = (~torch.isfinite(loss.detach())).float()
-    return dist.sum_across_ranks(flags) > 0
+    flags[-1] = float(save_due and dist.is_main())
+    flags = dist.sum_across_ranks(flags)
+    return flags[:-1] > 0, bool(flags[-1] > 0)
 
 
 def nonfinite_message(cfg: Config, epoch: int, step: int, bad: torch.Tensor, parts: dict) -> str:
@@ -219,7 +233,8 @@ def _run(cfg: Config, env) -> dict:
     # Before any training: a folder that cannot take one checkpoint is a one-line error, not a lost run.
     check_output_dir(cfg.output_dir, checkpoint_bytes(unwrap(model), 1, len(train), bank.dim,
                                                       bank.rows.element_size()))
-    start_epoch, metrics = load_for_resume(cfg, model, optimizer, bank, log)
+    resume = load_for_resume(cfg, model, optimizer, bank, log)
+    start_epoch, metrics = resume.epoch, resume.metrics
     if dist.is_main():
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     writer = SummaryWriter(os.path.join(cfg.output_dir, "tb")) if dist.is_main() else None
@@ -237,15 +252,22 @@ def _run(cfg: Config, env) -> dict:
     for epoch in range(start_epoch, cfg.train.epochs):
         # Per-epoch seeds (no rank term) make a resumed run retrace an uninterrupted one at any world size.
         torch.manual_seed(cfg.seed * 100_003 + epoch * 101)
-        sampler.set_epoch(epoch)
-        if epoch % cfg.memory.refresh_every == 0:  # otherwise a resumed run continues with the saved memory
+        mid_epoch = epoch == start_epoch and resume.step > 0  # resumed from a mid-epoch checkpoint
+        sampler.set_epoch(epoch, resume.step if mid_epoch else 0)
+        if mid_epoch and resume.torch_rng is not None:
+            torch.set_rng_state(resume.torch_rng)
+        if epoch % cfg.memory.refresh_every == 0 and not mid_epoch:  # else the saved memory continues
             fill_memory(unwrap(model), bank, train, cfg, env)
         lr, backbone_lr = learning_rates(cfg, epoch)
         for group in optimizer.param_groups:
             group["lr"] = backbone_lr if group.get("name") == "backbone" else lr
         warmup = epoch < cfg.train.warmup_epochs
         meter = TrainMeter(env.device, train.pids if labelled else None, writer, cfg.train.log_every, epoch * steps)
-        stats = train_one_epoch(model, loader, bank, optimizer, cfg, env, epoch, warmup, meter)
+        if mid_epoch and resume.meters:
+            meter.restore(resume.meters, env.rank, env.world_size)
+        save_step = functools.partial(save_checkpoint, cfg, model, optimizer, bank, epoch, metrics)
+        stats = train_one_epoch(model, loader, bank, optimizer, cfg, env, epoch, warmup, meter,
+                                resume.step if mid_epoch else 0, save_step)
         same_batchnorm_statistics(model, cfg, env, len(own))
         metrics.setdefault("epochs", []).append({"epoch": epoch, "warmup": warmup, **stats})
         if dist.is_main():

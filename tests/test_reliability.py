@@ -112,3 +112,44 @@ def test_only_the_files_a_manifest_names_are_read_and_a_checkpoint_without_manif
     (folder / "e0003.json").unlink()
     with pytest.raises(ReidError, match=r"checkpoints: no complete checkpoint"):
         run3(tmp_path, "train.epochs=4")
+
+
+class Killed(Exception):
+    """Stands for a SIGKILL of the process: nothing after it runs."""
+
+
+def kill_after_call(monkeypatch, call: int):
+    import reid.train
+
+    real, calls = reid.train.sharded_ctacl_loss, []
+
+    def loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reid.train, "sharded_ctacl_loss", loss)
+
+
+def test_a_resume_from_a_mid_epoch_checkpoint_equals_an_uninterrupted_run_bit_for_bit(tmp_path, monkeypatch,
+                                                                                       capsys):
+    every = ["train.epochs=3", "train.steps_per_epoch=5", "train.checkpoint_every_steps=2", "train.warmup_epochs=1",
+             "memory.refresh_every=2"]
+    whole = main(tiny_config(tmp_path / "whole", *every))
+    kill_after_call(monkeypatch, 9)  # epoch 1, step 3: after the step-2 checkpoint of epoch 1
+    with pytest.raises(Killed):
+        main(tiny_config(tmp_path / "killed", *every))
+    names = sorted(p.name for p in (tmp_path / "killed" / "run" / "checkpoints").glob("*.json"))
+    assert names == ["e0001.json", "e0001s000002.json"]
+    monkeypatch.undo()
+    capsys.readouterr()
+    resumed = main(tiny_config(tmp_path / "killed", *every))
+    assert "resumed from epoch 1 step 2" in capsys.readouterr().out
+    a = torch.load(tmp_path / "whole" / "run" / "final_model.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "killed" / "run" / "final_model.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["final"] == whole["final"]
+    for mine, theirs in zip(whole["epochs"], resumed["epochs"], strict=True):
+        assert {k: v for k, v in mine.items() if k != "images_per_s_per_rank"} == \
+               {k: v for k, v in theirs.items() if k != "images_per_s_per_rank"}

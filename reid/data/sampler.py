@@ -67,7 +67,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler[list]):
         if n < batch_size:
             raise ReidError(f"config key 'train.batch_size': got {batch_size}, larger than the {n} training images; "
                             "expected at most one global batch per epoch's images")
-        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+        self.batch_size, self.seed, self.epoch, self.start_step = batch_size, seed, 0, 0
         self.steps = n // batch_size if max_steps <= 0 else min(max_steps, n // batch_size)
         mine = np.ones(int(self.cams.max()) + 1, dtype=bool)
         if shard_cams is not None:
@@ -76,11 +76,13 @@ class GlobalBatchSampler(torch.utils.data.Sampler[list]):
         self._mine = mine
         self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The epoch to draw; ``start_step`` > 0 continues it from that step (a resume from a mid-epoch
+        checkpoint), the earlier steps' batches being exactly the ones already trained."""
+        self.epoch, self.start_step = int(epoch), int(start_step)
 
     def __len__(self) -> int:
-        return self.steps
+        return self.steps - self.start_step
 
     def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows, augmentation seeds) of the whole epoch in draw order, (N,) each."""
@@ -122,7 +124,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler[list]):
         return min(int(self.rank_counts(epoch, shards).min()) for epoch in range(epochs))
 
     def __iter__(self):
-        for step in range(self.steps):
+        for step in range(self.start_step, self.steps):
             rows, seeds = self.global_batch(self.epoch, step)
             keep = self._mine[self.cams[rows]]
             yield list(zip(rows[keep].tolist(), seeds[keep].tolist()))
