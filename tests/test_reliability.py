@@ -153,3 +153,25 @@ def test_a_resume_from_a_mid_epoch_checkpoint_equals_an_uninterrupted_run_bit_fo
     for mine, theirs in zip(whole["epochs"], resumed["epochs"], strict=True):
         assert {k: v for k, v in mine.items() if k != "images_per_s_per_rank"} == \
                {k: v for k, v in theirs.items() if k != "images_per_s_per_rank"}
+
+
+def test_two_ranks_resumed_from_a_mid_epoch_checkpoint_follow_the_uninterrupted_run(tmp_path):
+    """2 gloo ranks: the run is cut right after its mid-epoch checkpoint (the newer checkpoints' manifests are
+    removed, as if the job had been killed then) and resumed; float64 separates the implementation from rounding."""
+    import shutil
+
+    from tests.test_train import TINY, largest_difference, torchrun, trained_state
+
+    every = TINY + [f"data.root={tmp_path / 'synth'}", "train.epochs=2", "train.warmup_epochs=1",
+                    "train.steps_per_epoch=4", "train.checkpoint_every_steps=2", "train.keep_checkpoints=10",
+                    "train.batch_size=12", "train.dtype=float64"]
+    torchrun(2, every + [f"output_dir={tmp_path / 'whole'}"])
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    for name in ("e0002.json",):  # killed right after e0001s000002 (epoch 1 at step 2) was written
+        (tmp_path / "cut" / "checkpoints" / name).unlink()
+    for name in ("final_model.pt", "metrics.json"):
+        (tmp_path / "cut" / name).unlink()
+    result = torchrun(2, every + [f"output_dir={tmp_path / 'cut'}"])
+    assert "resumed from epoch 1 step 2" in result.stdout
+    difference, where = largest_difference(trained_state(tmp_path / "whole"), trained_state(tmp_path / "cut"))
+    assert difference <= 1e-12, (difference, where)
