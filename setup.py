@@ -1,12 +1,13 @@
 from setuptools import find_packages, setup
 
 setup(
-    name="reid",
+    # "reid" on the package index is another project: ours installs as ctacl-reid, imports as reid and runs as `reid`.
+    name="ctacl-reid",
     version="0.1.0",
     description="Distributed camera-tracklet-aware contrastive learning (CTACL) "
     "for unsupervised vehicle re-identification",
     python_requires=">=3.10",
-    packages=find_packages(include=["reid", "reid.*", "launch"]),
+    packages=find_packages(include=["reid", "reid.*"]),  # launch/ holds scripts, not an installed package
     install_requires=[
         "torch",
         "torchvision",

@@ -104,7 +104,7 @@ def _cmd_selftest(argv: list[str]) -> int:
 
 
 def _cmd_submit(argv: list[str]) -> int:
-    from launch.submit import main
+    from reid.submit import main
 
     return main(argv)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -18,7 +19,7 @@ import torch.distributed as tdist
 from reid.errors import ReidError
 
 __all__ = [
-    "DistEnv", "select_device",
+    "DistEnv", "LauncherEnv", "TORCHRUN_VARIABLES", "launcher_env", "select_device",
     "init_distributed", "is_initialized", "rank", "world_size", "is_main", "barrier", "destroy",
     "sum_across_ranks", "max_across_ranks", "gather_anchors", "gather_rows", "gather_candidates", "gather_objects",
     "broadcast_object",
@@ -47,13 +48,39 @@ class DistEnv:
     backend: str | None
 
 
-def _slurm_master() -> str:
-    if "MASTER_ADDR" in os.environ:
-        return os.environ["MASTER_ADDR"]
-    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+# What torchrun sets for each process; a SLURM launcher drops copies inherited from the submitting shell so
+# that SLURM's own variables decide (launcher_env reads torchrun's first).
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class LauncherEnv:
+    """This process's place in the job and the rendezvous of its process group (None with one process)."""
+
+    launcher: str  # "torchrun" or "slurm"
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str | None
+    master_port: int | None
+
+
+def _int_var(environ: Mapping[str, str], key: str, default: int | None = None) -> int:
+    value = environ.get(key, "")
+    if value == "" and default is not None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ReidError(f"launcher environment: {key}='{value}', expected an integer") from None
+
+
+def _first_node(environ: Mapping[str, str]) -> str:
+    """The allocation's first node (`scontrol show hostnames` expands SLURM's compressed list, e.g. gpu[01-04])."""
+    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
     if not nodelist:
-        raise ReidError("SLURM environment: SLURM_JOB_NODELIST is not set and MASTER_ADDR is absent, "
-                        "expected one of them to find the master node")
+        raise ReidError("SLURM environment: neither MASTER_ADDR nor SLURM_JOB_NODELIST is set, "
+                        "expected one of them to find the rendezvous node")
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
         return out.stdout.split()[0]
@@ -62,18 +89,41 @@ def _slurm_master() -> str:
                         "expected it to list the nodes (or set MASTER_ADDR)") from None
 
 
-def _launcher_env() -> tuple[int, int, int] | None:
-    """(rank, local_rank, world_size) from torchrun's or SLURM's environment; None when neither is set."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
-    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
-        world = int(os.environ["SLURM_NTASKS"])
-        if world > 1:  # torch.distributed reads these from the environment (init_method="env://")
-            os.environ.setdefault("MASTER_ADDR", _slurm_master())
-            job = int(os.environ.get("SLURM_JOB_ID", "0") or 0)
-            os.environ.setdefault("MASTER_PORT", str(15000 + job % 20000))
-        return int(os.environ["SLURM_PROCID"]), int(os.environ.get("SLURM_LOCALID", 0)), world
-    return None
+def launcher_env(environ: Mapping[str, str] | None = None) -> LauncherEnv | None:
+    """Rank, local rank, world size and rendezvous from torchrun's variables or SLURM's; None when neither is set.
+
+    torchrun (RANK and WORLD_SIZE set) wins: torchrun started inside a SLURM task sees both. Under SLURM
+    (SLURM_PROCID and SLURM_NTASKS set) the allocation's first node hosts the store, on port
+    ``15000 + (SLURM_JOB_ID * 16 + SLURM_RESTART_COUNT) % 20000``: one port per job and per requeue, so a
+    requeued run never meets the previous run's socket and two jobs sharing a node do not collide.
+    MASTER_ADDR / MASTER_PORT set by hand win over the computed ones. Every launcher (torchrun, `reid submit`,
+    slurm/train.sbatch, plain srun) ends here; a missing or malformed variable is one ReidError line.
+    """
+    environ = os.environ if environ is None else environ
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        launcher, rank_, world = "torchrun", _int_var(environ, "RANK"), _int_var(environ, "WORLD_SIZE")
+        local_rank = _int_var(environ, "LOCAL_RANK", 0)
+    elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        launcher, rank_, world = "slurm", _int_var(environ, "SLURM_PROCID"), _int_var(environ, "SLURM_NTASKS")
+        local_rank = _int_var(environ, "SLURM_LOCALID", 0)
+    else:
+        return None
+    if world == 1:
+        return LauncherEnv(launcher, rank_, local_rank, world, None, None)
+    if launcher == "torchrun":
+        for key in ("MASTER_ADDR", "MASTER_PORT"):
+            if not environ.get(key):
+                raise ReidError(f"torchrun environment: RANK and WORLD_SIZE are set but {key} is not, "
+                                "expected all of them (torchrun sets them together)")
+        return LauncherEnv(launcher, rank_, local_rank, world, environ["MASTER_ADDR"],
+                           _int_var(environ, "MASTER_PORT"))
+    addr = environ.get("MASTER_ADDR") or _first_node(environ)
+    if environ.get("MASTER_PORT"):
+        port = _int_var(environ, "MASTER_PORT")
+    else:
+        job, restart = _int_var(environ, "SLURM_JOB_ID", 0), _int_var(environ, "SLURM_RESTART_COUNT", 0)
+        port = 15000 + (job * 16 + restart) % 20000
+    return LauncherEnv(launcher, rank_, local_rank, world, addr, port)
 
 
 def select_device(device: str = "auto", local_rank: int = 0, world: int = 1) -> torch.device:
@@ -92,13 +142,26 @@ def select_device(device: str = "auto", local_rank: int = 0, world: int = 1) -> 
     return torch.device("cuda", index)
 
 
+def _rendezvous_store(found: "LauncherEnv", timeout: timedelta):
+    """The key-value store the ranks meet in, its keys prefixed by torchrun's restart count.
+
+    Under ``torchrun --max-restarts`` the agent's store outlives a failed attempt, and without a prefix the ranks
+    of the next attempt read the dead ranks' addresses from it (gloo: "connectFullMesh failed … Connection
+    refused"). Without torchrun's agent, rank 0 hosts the store (SLURM).
+    """
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = tdist.TCPStore(found.master_addr, found.master_port, found.world_size,
+                           is_master=not agent and found.rank == 0, timeout=timeout)
+    return tdist.PrefixStore(f"reid/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_distributed(device: str = "auto") -> DistEnv:
     """Join the process group described by torchrun/SLURM (NCCL with CUDA, gloo otherwise).
 
     device: see ``select_device``. World size 1 or no launcher environment → no process group at all.
     """
-    found = _launcher_env()
-    rank_, local_rank, world = found if found else (0, 0, 1)
+    found = launcher_env()
+    rank_, local_rank, world = (found.rank, found.local_rank, found.world_size) if found else (0, 0, 1)
     dev = select_device(device, local_rank, world)
     use_cuda = dev.type == "cuda"
     if use_cuda:
@@ -106,11 +169,9 @@ def init_distributed(device: str = "auto") -> DistEnv:
     backend = None
     if world > 1 and not tdist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
-        for key in ("MASTER_ADDR", "MASTER_PORT"):
-            if key not in os.environ:
-                raise ReidError(f"distributed environment: {key} is not set, expected torchrun or SLURM to set it")
-        tdist.init_process_group(backend, rank=rank_, world_size=world, timeout=timedelta(minutes=30),
-                                 device_id=dev if use_cuda else None)
+        os.environ.update(MASTER_ADDR=found.master_addr, MASTER_PORT=str(found.master_port))
+        tdist.init_process_group(backend, store=_rendezvous_store(found, timedelta(minutes=30)), rank=rank_,
+                                 world_size=world, timeout=timedelta(minutes=30), device_id=dev if use_cuda else None)
     elif tdist.is_initialized():
         backend = tdist.get_backend()
     return DistEnv(rank=rank_, local_rank=local_rank, world_size=world, device=dev, backend=backend)

@@ -6,6 +6,8 @@ and every test reads what the ranks wrote; see tests/dist_workers.py.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -177,18 +179,63 @@ def test_torchrun_selftest_with_2_ranks_passes():
     assert "selftest passed" in done.stdout and "2 rank(s), backend gloo" in done.stdout
 
 
-def test_slurm_environment_gives_rank_world_and_master(monkeypatch):
-    from reid import dist
+SLURM_TASK = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "1234",
+              "SLURM_JOB_NODELIST": "gpu-a[01-02]"}
 
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("SLURM_PROCID", "3")
-    monkeypatch.setenv("SLURM_NTASKS", "4")
-    monkeypatch.setenv("SLURM_LOCALID", "1")
-    monkeypatch.setenv("SLURM_JOB_ID", "1234")
-    monkeypatch.setenv("MASTER_ADDR", "node-a")
-    assert dist._launcher_env() == (3, 1, 4)
-    assert dist.os.environ["MASTER_PORT"] == str(15000 + 1234)
+
+@pytest.fixture
+def scontrol(tmp_path, monkeypatch):
+    """A fake `scontrol` that expands gpu-a[01-02] and fails for anything else."""
+    script = tmp_path / "scontrol"
+    script.write_text('#!/bin/sh\n[ "$*" = "show hostnames gpu-a[01-02]" ] || exit 1\nprintf "gpu-a01\\ngpu-a02\\n"\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+
+
+def test_torchrun_environment_gives_rank_world_and_master_even_inside_a_slurm_task():
+    from reid.dist import LauncherEnv, launcher_env
+
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "node-a", "MASTER_PORT": "29500"}
+    assert launcher_env({**SLURM_TASK, **torchrun}) == LauncherEnv("torchrun", 3, 1, 4, "node-a", 29500)
+
+
+def test_slurm_environment_gives_rank_world_first_node_and_a_port_per_job_and_requeue(scontrol):
+    from reid.dist import LauncherEnv, launcher_env
+
+    first = launcher_env(SLURM_TASK)
+    assert first == LauncherEnv("slurm", 5, 1, 8, "gpu-a01", 15000 + (1234 * 16) % 20000)
+    requeued = launcher_env({**SLURM_TASK, "SLURM_RESTART_COUNT": "1"})
+    assert requeued.master_port == first.master_port + 1 == 34745
+    assert launcher_env({**SLURM_TASK, "SLURM_JOB_ID": "1235"}).master_port == 15000 + (1235 * 16) % 20000
+
+
+def test_rendezvous_set_by_hand_wins_over_slurm_nodelist_and_port():
+    from reid.dist import launcher_env
+
+    found = launcher_env({**SLURM_TASK, "SLURM_JOB_NODELIST": "", "MASTER_ADDR": "node-ib0", "MASTER_PORT": "23456"})
+    assert (found.master_addr, found.master_port) == ("node-ib0", 23456)
+
+
+def test_one_slurm_task_needs_no_rendezvous_and_no_environment_means_none():
+    from reid.dist import LauncherEnv, launcher_env
+
+    assert launcher_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == LauncherEnv("slurm", 0, 0, 1, None, None)
+    assert launcher_env({"SLURM_JOB_ID": "7"}) is None
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({**SLURM_TASK, "SLURM_JOB_NODELIST": ""}, "neither MASTER_ADDR nor SLURM_JOB_NODELIST is set"),
+    ({**SLURM_TASK, "SLURM_JOB_NODELIST": "cpu[1-2]"}, r"`scontrol show hostnames cpu\[1-2\]` failed"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "29500"}, "RANK and WORLD_SIZE are set but MASTER_ADDR is not"),
+    ({**SLURM_TASK, "SLURM_NTASKS": "eight"}, "SLURM_NTASKS='eight', expected an integer"),
+])
+def test_missing_or_malformed_launcher_variable_is_one_line_error(scontrol, environ, message):
+    from reid.dist import launcher_env
+    from reid.errors import ReidError
+
+    with pytest.raises(ReidError, match=message) as caught:
+        launcher_env(environ)
+    assert "\n" not in str(caught.value)
 
 
 def test_no_launcher_environment_means_one_process_and_identity_collectives(monkeypatch):

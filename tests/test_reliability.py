@@ -175,3 +175,40 @@ def test_two_ranks_resumed_from_a_mid_epoch_checkpoint_follow_the_uninterrupted_
     assert "resumed from epoch 1 step 2" in result.stdout
     difference, where = largest_difference(trained_state(tmp_path / "whole"), trained_state(tmp_path / "cut"))
     assert difference <= 1e-12, (difference, where)
+
+
+def test_a_rank_killed_under_torchrun_restarts_resumes_and_ends_like_an_uninterrupted_run(tmp_path):
+    """`torchrun --max-restarts=1`, one rank SIGKILLed after the first mid-epoch checkpoint: the group restarts,
+    meets again (a fresh rendezvous per attempt) and resumes from the newest complete checkpoint."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_train import TINY, largest_difference, torchrun, trained_state
+
+    every = TINY + [f"data.root={tmp_path / 'synth'}", "train.epochs=2", "train.warmup_epochs=1",
+                    "train.steps_per_epoch=6", "train.checkpoint_every_steps=2", "train.batch_size=12",
+                    "train.dtype=float64"]
+    torchrun(2, every + [f"output_dir={tmp_path / 'whole'}"])
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           "-m", "reid", "train", "--config", "configs/synthetic.yaml", *every, f"output_dir={tmp_path / 'killed'}"]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    first = tmp_path / "killed" / "checkpoints" / "e0000s000002.json"
+    deadline = time.time() + 180
+    while not first.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+    assert first.exists() and len(workers) == 2, (workers, job.poll())
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    out, _ = job.communicate(timeout=240)
+    assert job.returncode == 0, out[-3000:]
+    assert "resumed from epoch" in out
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    killed = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert abs(whole["final"]["mAP"] - killed["final"]["mAP"]) <= 1e-9
+    difference, where = largest_difference(trained_state(tmp_path / "whole"), trained_state(tmp_path / "killed"))
+    assert difference <= 1e-9, (difference, where)

@@ -1,8 +1,8 @@
 """SLURM launchers on a real cluster (slurm/local/start brings up a one-node one; .ci/run does it for CI).
 
 Three jobs of 2 CPU tasks (gloo) train a tiny synthetic config, all with the same seed:
-- an uninterrupted run through `launch.submit` (the reference),
-- a run through `launch.submit` pre-empted with USR2 after its first checkpoint, the way `job._interrupt()`
+- an uninterrupted run through `reid submit` (the reference),
+- a run through `reid.submit` pre-empted with USR2 after its first checkpoint, the way `job._interrupt()`
   and a pre-empting scheduler signal it,
 - a run of `slurm/train.sbatch` through `sbatch`, whose batch shell gets USR2 and requeues the job.
 Both interrupted runs must resume from their checkpoint and end with the reference's metrics.
@@ -114,7 +114,7 @@ def overrides(workdir: Path, name: str) -> list[str]:
 @pytest.fixture(scope="module")
 def reference(workdir, cluster):
     """The uninterrupted 2-task run, submitted the way a user does: `reid submit ... --wait`."""
-    from launch.submit import main
+    from reid.submit import main
 
     argv = ["--config", str(REPO / "configs" / "synthetic.yaml"), "--tasks-per-node", "2", "--cpus-per-task", "1",
             "--time", "20", "--partition", cluster, "--job-name", "reid-test", "--wait",
@@ -153,7 +153,7 @@ class TestSubmititLauncher:
 
     def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint_with_the_same_final_metrics(
             self, reference, workdir, cluster):
-        from launch.submit import SlurmOptions, submit
+        from reid.submit import SlurmOptions, submit
         from reid.config import load_config
 
         cfg = load_config(str(REPO / "configs" / "synthetic.yaml"), overrides(workdir, "preempted"))
@@ -244,24 +244,35 @@ class TestErrorsBeforeSubmitting:
         assert not (tmp_path / "run").exists()
 
 
-def test_rendezvous_comes_from_the_job_environment(monkeypatch):
-    """Rank, local rank, world size and the first node of the allocation, as torchrun would set them."""
-    from launch.submit import rendezvous_env
+def _launcher_seen_by_main(cfg):
+    from reid.dist import launcher_env
 
-    class Env:
-        raw_job_id, global_rank, local_rank, num_tasks, num_nodes, node = "1234", 5, 1, 8, 2, 1
-        hostnames = ["gpu-a01", "gpu-a02"]
+    return launcher_env()
 
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
-    env = rendezvous_env(Env())
-    assert env["MASTER_ADDR"] == "gpu-a01"
-    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"]) == ("5", "1", "8", "4")
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
-    assert rendezvous_env(Env())["MASTER_PORT"] != env["MASTER_PORT"]  # a requeued run gets a fresh port
+
+def test_submitit_task_takes_rank_and_rendezvous_from_slurm_not_from_the_submitting_shell(tmp_path, monkeypatch):
+    """Variables inherited from the shell that ran `reid submit` (a torchrun RANK, a MASTER_ADDR) are dropped, so
+    main(cfg) sees SLURM's task, the allocation's first node and the job's port (reid.dist.launcher_env)."""
+    from reid.config import load_config
+    from reid.dist import LauncherEnv
+    from reid.submit import Trainer
+
+    (tmp_path / "scontrol").write_text('#!/bin/sh\n[ "$*" = "show hostnames gpu-a[01-02]" ] && echo gpu-a01 gpu-a02\n')
+    (tmp_path / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    stale = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "login-1", "MASTER_PORT": "29500"}
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "1234",
+             "SLURM_RESTART_COUNT": "2", "SLURM_JOB_NODELIST": "gpu-a[01-02]"}
+    for key, value in {**stale, **slurm}.items():
+        monkeypatch.setenv(key, value)
+
+    seen = Trainer(load_config(None, []), entry=f"{__name__}:_launcher_seen_by_main")()
+    assert seen == LauncherEnv("slurm", 5, 1, 8, "gpu-a01", 15000 + (1234 * 16 + 2) % 20000)
 
 
 def test_checkpoint_requeues_the_same_training():
-    from launch.submit import Trainer
+    from reid.submit import Trainer
     from reid.config import load_config
 
     trainer = Trainer(load_config(None, ["train.epochs=2"]))
@@ -271,7 +282,7 @@ def test_checkpoint_requeues_the_same_training():
 
 
 def test_flags_become_sbatch_lines_with_requeue_and_the_preemption_signal(tmp_path, monkeypatch):
-    from launch.submit import build_parser, make_executor, options_from_args
+    from reid.submit import build_parser, make_executor, options_from_args
 
     (tmp_path / "srun").write_text("#!/bin/sh\n")  # submitit's executor only looks for srun; nothing runs
     (tmp_path / "srun").chmod(0o755)
@@ -291,7 +302,7 @@ def test_flags_become_sbatch_lines_with_requeue_and_the_preemption_signal(tmp_pa
 
 
 def test_tasks_per_node_must_match_gpus_per_node():
-    from launch.submit import build_parser, options_from_args
+    from reid.submit import build_parser, options_from_args
 
     with pytest.raises(ReidError, match="--tasks-per-node: got 2 with --gpus-per-node 4"):
         options_from_args(build_parser().parse_args(["--gpus-per-node", "4", "--tasks-per-node", "2"]))
