@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from reid.errors import ReidError
@@ -137,8 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return HANDLERS[ns.command](argv[1:]) or 0
     except ReidError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"\nerror: {exc}", file=sys.stderr)  # a new line: a progress bar may hold the current one
         return 2
+    except RuntimeError as exc:
+        # A rank whose peer died mid-collective: the peer printed the real error; say so in one line, not with
+        # a traceback from deep inside the collective.
+        if "closed by peer" in str(exc) or "Connection reset by peer" in str(exc):
+            print(f"\nerror: rank {os.environ.get('RANK', '?')}: another rank stopped (its error is above); "
+                  "this rank stops too", file=sys.stderr)
+            return 3
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

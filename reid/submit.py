@@ -132,6 +132,9 @@ def make_executor(opts: SlurmOptions, folder: str):
         signal_delay_s=opts.signal_delay_s,
         # Explicit, because some clusters make batch jobs non-requeueable by default (JobRequeue=0).
         additional_parameters={"requeue": True},
+        # One task failing ends every task of the step at once, instead of leaving them in a collective until
+        # its 30-minute timeout; the job then reads FAILED.
+        srun_args=["--kill-on-bad-exit=1"],
         # The job unpickles reid.submit.Trainer: let it import the same source tree as the submitter.
         setup=[f"export PYTHONPATH={shlex.quote(SOURCE_ROOT)}${{PYTHONPATH:+:$PYTHONPATH}}"],
     )

@@ -212,3 +212,39 @@ def test_a_rank_killed_under_torchrun_restarts_resumes_and_ends_like_an_uninterr
     assert abs(whole["final"]["mAP"] - killed["final"]["mAP"]) <= 1e-9
     difference, where = largest_difference(trained_state(tmp_path / "whole"), trained_state(tmp_path / "killed"))
     assert difference <= 1e-9, (difference, where)
+
+
+def test_a_failing_rank_ends_every_rank_with_its_error_printed_once(tmp_path):
+    """A corrupt image on rank 1's cameras (data.skip_corrupt=false): rank 1 stops with the one-line error and the
+    launcher ends rank 0 too, instead of leaving it in a collective until the 30-minute timeout."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from reid.config import load_config
+    from reid.data.readers import load_dataset
+    from reid.data.sampler import partition_cameras
+    from reid.data.synthetic import ensure_synthetic
+    from tests.test_train import TINY
+
+    base = TINY + [f"data.root={tmp_path / 'synth'}", "train.epochs=1", "train.warmup_epochs=1"]
+    cfg = load_config("configs/synthetic.yaml", base)
+    ensure_synthetic(cfg.data.root, cfg.synth)
+    train = load_dataset("veri776", cfg.data.root).train
+    rank1 = partition_cameras(np.bincount(train.cams), 2)[1]
+    victim = train.paths[int(np.flatnonzero(np.isin(train.cams, rank1))[0])]
+    with open(victim, "wb") as f:
+        f.write(b"\xff\xd8\xff not a picture")
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "reid", "train",
+           "--config", "configs/synthetic.yaml", *base, f"output_dir={tmp_path / 'run'}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)  # a hang would time out
+    assert done.returncode != 0
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error: ")]
+    original = [line for line in lines if "corrupt or unreadable image" in line]
+    assert len(original) == 1 and victim in original[0], lines  # printed once, by the rank that met it
+    worker_tracebacks = [line for line in (done.stdout + done.stderr).splitlines()
+                         if line.startswith("[rank") and "Traceback" in line]
+    assert not worker_tracebacks  # the other rank stops with one line too (torchrun's own report follows)
