@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -213,6 +214,21 @@ def options_from_args(args: argparse.Namespace) -> SlurmOptions:
         log_folder=args.log_folder, signal_delay_s=args.signal_delay, max_requeue=args.max_requeue)
 
 
+def _original_error(job, tasks: int, exc: Exception) -> str:
+    """The error that ended a job, in one line: a task's ReidError when one raised it (the others then only lost
+    their peer), else the last error line submitit reports."""
+    texts = []
+    for task in range(tasks):
+        failure = job.task(task).exception()
+        texts.append(str(failure) if failure is not None else "")
+    for text in texts + [str(exc)]:
+        ours = re.findall(r"\breid\.[\w.]*Error: (.*)", text)  # ReidError and its subclasses, e.g. a corrupt image
+        if ours:
+            return ours[-1].strip()
+    lines = [line.strip() for line in str(exc).splitlines() if "Error:" in line]
+    return lines[-1] if lines else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     """`reid submit ...`; ReidError propagates to the CLI (one line, exit 2)."""
     from reid.config import load_config
@@ -225,7 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"submitted job {job.job_id}: {opts.num_tasks} task(s) on {opts.nodes} node(s)\n"
           f"  logs:   {job.paths.folder}\n  output: {cfg.output_dir}")
     if args.wait:
-        results = job.results()  # one entry per task; rank 0 holds the evaluation
+        try:
+            results = job.results()  # one entry per task; rank 0 holds the evaluation
+        except Exception as exc:  # submitit's FailedJobError / UncompletedJobError carry the task's traceback
+            raise ReidError(f"SLURM job {job.job_id} failed: {_original_error(job, opts.num_tasks, exc)} "
+                            f"(logs in {job.paths.folder})") from None
         final = (results[0] or {}).get("final", {}) if isinstance(results[0], dict) else {}
         print("final: " + "  ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float)))
     return 0

@@ -151,6 +151,33 @@ class TestSubmititLauncher:
         assert "submit" in (reference / "command.txt").read_text()
         assert final_state(job_id) == "COMPLETED"
 
+    def test_a_failing_task_ends_the_job_as_failed_with_its_error_not_a_hang(self, workdir, cluster, tmp_path):
+        """A corrupt image on rank 1's cameras: srun --kill-on-bad-exit ends rank 0 at once and the job reads
+        FAILED; `reid submit --wait` names the original error in one line."""
+        import shutil
+
+        import numpy as np
+
+        from reid.data.readers import load_dataset
+        from reid.data.sampler import partition_cameras
+        from reid.errors import ReidError
+        from reid.submit import main
+
+        data = tmp_path / "data"
+        shutil.copytree(workdir / "data", data)
+        train = load_dataset("veri776", str(data)).train
+        victim = train.paths[int(np.flatnonzero(np.isin(train.cams, partition_cameras(np.bincount(train.cams),
+                                                                                      2)[1]))[0])]
+        with open(victim, "wb") as f:
+            f.write(b"not a picture")
+        argv = ["--config", str(REPO / "configs" / "synthetic.yaml"), "--tasks-per-node", "2", "--cpus-per-task",
+                "1", "--time", "20", "--partition", cluster, "--job-name", "reid-test", "--wait",
+                "--log-folder", str(tmp_path / "logs"), *TINY, f"data.root={data}", f"output_dir={tmp_path / 'run'}"]
+        with pytest.raises(ReidError, match=r"SLURM job \d+ failed: .*corrupt or unreadable image"):
+            main(argv)
+        (job_folder,) = [p for p in (tmp_path / "logs").iterdir() if p.is_dir() and not p.is_symlink()]
+        assert final_state(job_folder.name) == "FAILED"
+
     def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint_with_the_same_final_metrics(
             self, reference, workdir, cluster):
         from reid.submit import SlurmOptions, submit
