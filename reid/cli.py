@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return HANDLERS[ns.command](argv[1:]) or 0
     except ReidError as exc:
-        print(f"\nerror: {exc}", file=sys.stderr)  # a new line: a progress bar may hold the current one
+        # Several ranks share one terminal: start a new line, another rank's progress bar may hold this one.
+        lead = "\n" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"{lead}error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
         # A rank whose peer died mid-collective: the peer printed the real error; say so in one line, not with

@@ -57,13 +57,14 @@ def extract_features(model: torch.nn.Module, paths: list[str], transform, *, bat
     loader = make_loader(EvalImages(paths, transform, skip_corrupt=skip_corrupt), batch_size, workers,
                          pin_memory=device.type == "cuda")
     chunks = []
-    for images, _ in tqdm(loader, desc=progress, disable=progress is None, leave=False):
-        images = images.to(device, dtype, non_blocking=True)
-        with autocast:
-            feats = model(images).to(out_dtype)
-            if flip:
-                feats = feats + model(torch.flip(images, dims=[3])).to(out_dtype)
-        chunks.append(F.normalize(feats, dim=1))
+    with tqdm(loader, desc=progress, disable=progress is None, leave=False) as bar:  # closed on errors too
+        for images, _ in bar:
+            images = images.to(device, dtype, non_blocking=True)
+            with autocast:
+                feats = model(images).to(out_dtype)
+                if flip:
+                    feats = feats + model(torch.flip(images, dims=[3])).to(out_dtype)
+            chunks.append(F.normalize(feats, dim=1))
     model.train(was_training)
     if not chunks:
         return torch.empty(0, 0, device=device)

@@ -83,40 +83,43 @@ def train_one_epoch(model, loader, bank: MemoryBank, optimizer, cfg: Config, env
     embeds its cameras' part of each. ``save_step(step=, meter_state=)`` writes a mid-epoch checkpoint when one is
     due (train.checkpoint_every_steps / _min)."""
     model.train()
-    last_save, end = time.time(), start_step + len(loader)
     lc = cfg.loss
     dtype = TRAIN_DTYPES[cfg.train.dtype]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.amp and env.device.type == "cuda")
+    last_save, end = time.time(), start_step + len(loader)
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not dist.is_main(), leave=False)
-    for step, (images, cams, tracklets, rows) in enumerate(bar, start=start_step):
-        images = images.to(env.device, dtype, non_blocking=True)
-        cams, tracklets, rows = (t.to(env.device, non_blocking=True) for t in (cams, tracklets, rows))
-        with autocast:
-            features = model(images)
-        parts = sharded_ctacl_loss(
-            features.to(dtype), cams, tracklets, rows, bank, temperature=lc.temperature, topk=lc.topk,
-            grey_zone=lc.grey_zone, cam_weight=lc.cam_weight, warmup=warmup, exact=lc.exact,
-            hard_topk=lc.topk if lc.hard_positives else 0, easy_topk=lc.topk if lc.easy_positives else 0)
-        optimizer.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        minutes = cfg.train.checkpoint_every_min
-        bad, time_due = step_flags(parts["loss"], minutes > 0 and time.time() - last_save >= 60 * minutes)
-        if bool(bad.any()):  # the same answer on every rank, so all stop or all skip together
-            if not cfg.train.skip_nonfinite:
-                raise ReidError(nonfinite_message(cfg, epoch, step, bad, parts))
-            meter.skipped += 1  # no optimizer step, no memory update: the step never happened
-            continue
-        optimizer.step()
-        bank.update(rows, features.detach().to(dtype))  # after the loss, never before it (DESIGN §3)
-        total = parts["intra"] if warmup else parts["inter"] + lc.cam_weight * parts["cam"]
-        shown = meter.update(step, parts, total, rows, warmup)
-        if shown is not None:
-            bar.set_postfix(loss=shown)
-        every = cfg.train.checkpoint_every_steps
-        due = time_due or (every > 0 and (step + 1) % every == 0)
-        if save_step is not None and due and step + 1 < end:  # the epoch's end writes its own checkpoint
-            save_step(step=step + 1, meter_state=meter.state())
-            last_save = time.time()
+    try:
+        for step, (images, cams, tracklets, rows) in enumerate(bar, start=start_step):
+            images = images.to(env.device, dtype, non_blocking=True)
+            cams, tracklets, rows = (t.to(env.device, non_blocking=True) for t in (cams, tracklets, rows))
+            with autocast:
+                features = model(images)
+            parts = sharded_ctacl_loss(
+                features.to(dtype), cams, tracklets, rows, bank, temperature=lc.temperature, topk=lc.topk,
+                grey_zone=lc.grey_zone, cam_weight=lc.cam_weight, warmup=warmup, exact=lc.exact,
+                hard_topk=lc.topk if lc.hard_positives else 0, easy_topk=lc.topk if lc.easy_positives else 0)
+            optimizer.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            minutes = cfg.train.checkpoint_every_min
+            bad, time_due = step_flags(parts["loss"], minutes > 0 and time.time() - last_save >= 60 * minutes)
+            if bool(bad.any()):  # the same answer on every rank, so all stop or all skip together
+                if not cfg.train.skip_nonfinite:
+                    raise ReidError(nonfinite_message(cfg, epoch, step, bad, parts))
+                meter.skipped += 1  # no optimizer step, no memory update: the step never happened
+                continue
+            optimizer.step()
+            bank.update(rows, features.detach().to(dtype))  # after the loss, never before it (DESIGN §3)
+            total = parts["intra"] if warmup else parts["inter"] + lc.cam_weight * parts["cam"]
+            shown = meter.update(step, parts, total, rows, warmup)
+            if shown is not None:
+                bar.set_postfix(loss=shown)
+            every = cfg.train.checkpoint_every_steps
+            due = time_due or (every > 0 and (step + 1) % every == 0)
+            if save_step is not None and due and step + 1 < end:  # the epoch's end writes its own checkpoint
+                save_step(step=step + 1, meter_state=meter.state())
+                last_save = time.time()
+    finally:
+        bar.close()  # also on errors, so an error message starts its own line
     return meter.summary()
 
 
