@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,8 @@ FOLDER = "checkpoints"
 # Keys whose change makes a checkpoint another run's: other data (rows would not match) or another network.
 BREAKING = ("data.format", "data.root", "data.protocol", "model.arch", "model.last_stride")
 BREAKING_SECTIONS = ("synth.",)  # the synthetic generator's settings define the data
+BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+MID_EPOCH_BREAKING = ("train.batch_size", "train.steps_per_epoch", "seed")  # they define the epoch's batches
 
 
 def unwrap(model):
@@ -72,15 +75,16 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_changes(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
-    """(breaking, harmless) differences between a checkpoint's config and ``cfg``, as 'key: old → new' texts."""
+def config_changes(saved: dict, cfg: Config, mid_epoch: bool = False) -> tuple[list[str], list[str]]:
+    """(breaking, harmless) differences between a checkpoint's config and ``cfg``, as 'key: old → new' texts.
+    In the middle of an epoch the batch draw must not change either (``MID_EPOCH_BREAKING``)."""
     old, new = _flat(saved), _flat(config_to_dict(cfg))
     breaking, harmless = [], []
     for key in sorted(set(old) | set(new)):
         if key in old and key in new and old[key] == new[key]:
             continue
         text = f"{key}: {old.get(key, '(absent)')!r} → {new.get(key, '(absent)')!r}"
-        if key in BREAKING or key.startswith(BREAKING_SECTIONS):
+        if key in BREAKING or key.startswith(BREAKING_SECTIONS) or mid_epoch and key in MID_EPOCH_BREAKING:
             breaking.append(text)
         else:
             harmless.append(text)
@@ -175,13 +179,28 @@ class Resume:
     torch_rng: torch.Tensor | None = None
 
 
+def _set_aside(output_dir: str, log) -> None:
+    """train.resume=false in a folder that holds checkpoints: move them aside (never delete them, never let a
+    later resume mix them with this run's)."""
+    folder = os.path.join(output_dir, FOLDER)
+    if dist.is_main() and os.path.isdir(folder) and os.listdir(folder):
+        aside = f"{folder}_set_aside_{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(folder, aside)
+        link = os.path.join(output_dir, CHECKPOINT)
+        if os.path.exists(link):
+            os.replace(link, os.path.join(aside, CHECKPOINT))
+        log(f"train.resume=false: the earlier checkpoints of {output_dir} are kept in {aside}")
+    dist.barrier()
+
+
 def load_for_resume(cfg: Config, model, optimizer, bank: MemoryBank, log) -> Resume:
     """Resume from the newest complete checkpoint of ``output_dir`` (when train.resume); ``Resume()`` for a fresh
     run. A checkpoint of other data or another model is refused naming the keys. Runs written before manifests
     existed resume from their ``checkpoint.pt``."""
-    if not cfg.train.resume:
-        return Resume()
     folder = os.path.join(cfg.output_dir, FOLDER)
+    if not cfg.train.resume:
+        _set_aside(cfg.output_dir, log)
+        return Resume()
     manifest = dist.broadcast_object(newest_complete(folder, log) if dist.is_main() else None)
     if manifest is not None:
         path = os.path.join(folder, manifest["state"])
@@ -195,7 +214,8 @@ def load_for_resume(cfg: Config, model, optimizer, bank: MemoryBank, log) -> Res
             return Resume()
         memory_dir, names = None, None
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    breaking, harmless = config_changes(ckpt.get("config", {}), cfg)
+    step = ckpt.get("step", 0)
+    breaking, harmless = config_changes(ckpt.get("config", {}), cfg, mid_epoch=step > 0)
     if breaking:
         raise ReidError(f"{path}: the checkpoint was trained with other data or another model ({'; '.join(breaking)}), "
                         "expected the same to resume; use another output_dir or train.resume=false")
@@ -204,7 +224,9 @@ def load_for_resume(cfg: Config, model, optimizer, bank: MemoryBank, log) -> Res
     unwrap(model).load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     bank.load(memory_dir or os.path.join(cfg.output_dir, ckpt["memory_dir"]), names)
-    step = ckpt.get("step", 0)
+    own_buffers = ckpt.get("rank_buffers")
+    if own_buffers and len(own_buffers) == dist.world_size():  # per-rank BatchNorm, saved mid-epoch
+        unwrap(model).load_state_dict(own_buffers[dist.rank()], strict=False)
     log(f"resumed from epoch {ckpt['epoch']}" + (f" step {step}" if step else "") + f" ({path})")
     return Resume(ckpt["epoch"], step, ckpt["metrics"], ckpt.get("meters"), ckpt.get("torch_rng"))
 
@@ -220,6 +242,10 @@ def save_checkpoint(cfg: Config, model, optimizer, bank: MemoryBank, next_epoch:
     folder = os.path.join(cfg.output_dir, FOLDER)
     name = f"e{next_epoch:04d}" + (f"s{step:06d}" if step else "")
     meters = dist.gather_objects(meter_state) if step else None
+    # Per-rank BatchNorm is merged only at epoch ends: mid-epoch, every rank's own statistics are kept.
+    rank_buffers = (dist.gather_objects({k: v.cpu() for k, v in unwrap(model).state_dict().items()
+                                         if k.rsplit(".", 1)[-1] in BN_BUFFERS})
+                    if step and cfg.model.batchnorm == "per_rank" and dist.world_size() > 1 else None)
     memory_dir = os.path.join(folder, f"{name}_memory")
     if dist.is_main() and os.path.isdir(memory_dir):  # left by an interrupted save: never mix its files in
         shutil.rmtree(memory_dir)
@@ -227,7 +253,7 @@ def save_checkpoint(cfg: Config, model, optimizer, bank: MemoryBank, next_epoch:
     shards = dist.gather_objects(bank.save(memory_dir))
     if dist.is_main():
         state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": next_epoch,
-                 "step": step, "meters": meters, "torch_rng": torch.get_rng_state(),
+                 "step": step, "meters": meters, "rank_buffers": rank_buffers, "torch_rng": torch.get_rng_state(),
                  "memory_dir": os.path.join(FOLDER, f"{name}_memory"), "metrics": metrics,
                  "config": config_to_dict(cfg)}
         files = {f"{name}.pt": write_durably(os.path.join(folder, f"{name}.pt"), state)}
@@ -247,26 +273,26 @@ def save_checkpoint(cfg: Config, model, optimizer, bank: MemoryBank, next_epoch:
         except OSError:  # a file system without hard links: a copy
             shutil.copyfile(os.path.join(folder, f"{name}.pt"), tmp)
         os.replace(tmp, link)
-        _prune(folder, cfg.train.keep_checkpoints)
+        _prune(folder, name, cfg.train.keep_checkpoints)
     dist.barrier()
 
 
-def _prune(folder: str, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints (manifest first, so none ever names a deleted file) and the
-    leftovers of interrupted saves older than the newest checkpoint."""
+def _prune(folder: str, current: str, keep: int) -> None:
+    """Keep the checkpoint just written (``current``) and the ``keep`` - 1 newest before it; delete the rest,
+    manifest first (so no manifest ever names a deleted file), including checkpoints *newer* than ``current``:
+    they belong to a timeline this run abandoned (it resumed from an older one because they were damaged)."""
     manifests = _manifests(folder)
-    for path in manifests[keep:]:
-        stem = path[: -len(".json")]
-        os.remove(path)
-        for leftover in (stem + ".pt", stem + "_memory"):
-            if os.path.isdir(leftover):
-                shutil.rmtree(leftover, ignore_errors=True)
-            elif os.path.exists(leftover):
-                os.remove(leftover)
-    kept = {os.path.basename(p)[: -len(".json")] for p in manifests[:keep]}
-    newest = max(kept) if kept else ""
-    for entry in os.listdir(folder):
-        stem = entry.split("_")[0].split(".")[0]
-        if re.fullmatch(r"e\d{4}(s\d{6})?", stem) and stem not in kept and stem < newest:
+    names = [os.path.basename(p)[: -len(".json")] for p in manifests]
+    older = [n for n in names if n < current]
+    kept = {current, *older[: max(0, keep - 1)]}
+    for name in names:
+        if name not in kept:
+            os.remove(os.path.join(folder, f"{name}.json"))
+    for entry in os.listdir(folder):  # state files, memory folders and temporaries of every other checkpoint
+        stem = re.match(r"e\d{4}(s\d{6})?", entry)
+        if stem and stem.group(0) not in kept and not entry.endswith(".json"):
             target = os.path.join(folder, entry)
-            shutil.rmtree(target, ignore_errors=True) if os.path.isdir(target) else os.remove(target)
+            if os.path.isdir(target):
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                os.remove(target)

@@ -95,7 +95,8 @@ def launcher_env(environ: Mapping[str, str] | None = None) -> LauncherEnv | None
     torchrun (RANK and WORLD_SIZE set) wins: torchrun started inside a SLURM task sees both. Under SLURM
     (SLURM_PROCID and SLURM_NTASKS set) the allocation's first node hosts the store, on port
     ``15000 + (SLURM_JOB_ID * 16 + SLURM_RESTART_COUNT) % 20000``: one port per job and per requeue, so a
-    requeued run never meets the previous run's socket and two jobs sharing a node do not collide.
+    requeued run never meets the previous run's socket; two jobs on one node rarely collide (their ids would
+    have to differ by a multiple of 1,250), and a collision is a bind error at start, not a mixed-up run.
     MASTER_ADDR / MASTER_PORT set by hand win over the computed ones. Every launcher (torchrun, `reid submit`,
     slurm/train.sbatch, plain srun) ends here; a missing or malformed variable is one ReidError line.
     """
@@ -149,7 +150,7 @@ def _rendezvous_store(found: "LauncherEnv", timeout: timedelta):
     of the next attempt read the dead ranks' addresses from it (gloo: "connectFullMesh failed … Connection
     refused"). Without torchrun's agent, rank 0 hosts the store (SLURM).
     """
-    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    agent = found.launcher == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = tdist.TCPStore(found.master_addr, found.master_port, found.world_size,
                            is_master=not agent and found.rank == 0, timeout=timeout)
     return tdist.PrefixStore(f"reid/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)

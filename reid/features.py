@@ -45,8 +45,9 @@ def extract_features(model: torch.nn.Module, paths: list[str], transform, *, bat
         lo, hi = len(paths) * dist.rank() // world, len(paths) * (dist.rank() + 1) // world
         mine = extract_features(model, paths[lo:hi], transform, batch_size=batch_size, device=device,
                                 workers=workers, flip=flip, skip_corrupt=skip_corrupt, progress=progress, amp=amp)
-        if mine.shape[1] == 0:  # an empty slice: the gather needs the embedding width
-            mine = mine.new_zeros(0, model.dim)
+        if mine.shape[1] == 0:  # an empty slice: the gather needs the embedding width and dtype
+            dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+            mine = torch.zeros(0, model.dim, dtype=dtype, device=device)
         return dist.gather_rows(mine)
     was_training = model.training
     model.eval()

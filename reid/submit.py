@@ -7,8 +7,9 @@ One task per GPU (on CPU: `--tasks-per-node`). Each task calls the same `main(cf
 one entry point, two launchers), where `reid.dist.launcher_env` turns SLURM's variables into rank, world
 size and rendezvous, as it does for slurm/train.sbatch. SLURM sends USR2 `--signal-delay` seconds before
 the time limit, and a pre-empting scheduler sends it too; submitit then calls `Trainer.checkpoint()` on
-rank 0, which requeues the job. Training already writes a checkpoint every epoch and `main(cfg)` resumes
-from `output_dir` on its own, so the requeued job continues from the last finished epoch.
+rank 0, which requeues the job. Training writes a checkpoint every epoch (and mid-epoch with
+`train.checkpoint_every_min` / `_steps`, which long epochs want) and `main(cfg)` resumes from `output_dir`
+on its own, so the requeued job continues from the newest complete checkpoint.
 
 Next to the logs (`<log folder>/<job id>/`, default log folder `<output_dir>/slurm`) go the resolved
 config (`config.yaml`) and the command that submitted it (`command.txt`).
@@ -84,7 +85,8 @@ class Trainer:
     def checkpoint(self, *args, **kwargs):
         """Called by submitit on rank 0 when USR2 arrives; returning a submission requeues the job.
 
-        Nothing to save here: main(cfg) checkpoints every epoch (atomically) and resumes from output_dir.
+        Nothing to save here: main(cfg) checkpoints every epoch (and every train.checkpoint_every_min) and
+        resumes from output_dir.
         """
         import submitit
 

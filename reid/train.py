@@ -129,8 +129,8 @@ def step_flags(loss: torch.Tensor, save_due: bool) -> tuple[torch.Tensor, bool]:
     flags = torch.zeros(dist.world_size() + 1, device=loss.device)
     flags[dist.rank()] = (~torch.isfinite(loss.detach())).float()
     flags[-1] = float(save_due and dist.is_main())
-    flags = dist.sum_across_ranks(flags)
-    return flags[:-1] > 0, bool(flags[-1] > 0)
+    flags = dist.sum_across_ranks(flags).tolist()  # the step's one host synchronisation
+    return torch.tensor(flags[:-1]) > 0, flags[-1] > 0
 
 
 def nonfinite_message(cfg: Config, epoch: int, step: int, bad: torch.Tensor, parts: dict) -> str:
@@ -290,10 +290,7 @@ def _run(cfg: Config, env) -> dict:
         save_checkpoint(cfg, model, optimizer, bank, epoch + 1, metrics)
 
     final_features: dict = {}
-    if "final" not in metrics:
-        evaluation_point("final", cfg.train.epochs, model, dataset, cfg, env, metrics, writer, final_features)
-    else:  # resumed after the final evaluation: the report's picture still needs the embeddings
-        final_features = embed_for_evaluation(unwrap(model), dataset, cfg, env.device)
+    evaluation_point("final", cfg.train.epochs, model, dataset, cfg, env, metrics, writer, final_features)
     if dist.is_main():
         write_report(unwrap(model), cfg, metrics, final_features)
         writer.close()

@@ -97,6 +97,34 @@ def test_a_truncated_newest_checkpoint_is_named_and_the_previous_complete_one_re
     out = capsys.readouterr().out
     assert f"skipping a damaged checkpoint: checkpoint file {shard}: 100 bytes, expected" in out
     assert "resumed from epoch 2" in out and len(metrics["epochs"]) == 4
+    from reid.checkpoint import verify
+
+    folder = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in folder.glob("*.json")) == ["e0003.json", "e0004.json"]
+    assert all(verify(str(p)) for p in folder.glob("*.json"))  # the damaged one was rewritten, both complete
+
+
+def test_pruning_keeps_the_checkpoint_just_written_and_drops_an_abandoned_newer_timeline(tmp_path):
+    from reid.checkpoint import _prune
+
+    for name in ("e0004", "e0005", "e0006", "e0005s000100"):  # e0006: damaged, the run resumed from e0005
+        (tmp_path / f"{name}.json").write_text("{}")
+        (tmp_path / f"{name}.pt").write_bytes(b"state")
+        (tmp_path / f"{name}_memory").mkdir()
+    _prune(str(tmp_path), "e0005s000100", keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e0005.json", "e0005.pt", "e0005_memory",
+                                                          "e0005s000100.json", "e0005s000100.pt",
+                                                          "e0005s000100_memory"]
+
+
+def test_resume_false_sets_the_earlier_checkpoints_aside_instead_of_mixing_them(tmp_path, capsys):
+    run3(tmp_path, "train.epochs=2")
+    capsys.readouterr()
+    run3(tmp_path, "train.epochs=1", "train.resume=false")
+    assert "earlier checkpoints" in capsys.readouterr().out
+    (aside,) = (tmp_path / "run").glob("checkpoints_set_aside_*")
+    assert sorted(p.name for p in aside.glob("*.json")) == ["e0001.json", "e0002.json"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*.json")) == ["e0001.json"]
 
 
 def test_only_the_files_a_manifest_names_are_read_and_a_checkpoint_without_manifest_does_not_exist(tmp_path,
@@ -155,7 +183,8 @@ def test_a_resume_from_a_mid_epoch_checkpoint_equals_an_uninterrupted_run_bit_fo
                {k: v for k, v in theirs.items() if k != "images_per_s_per_rank"}
 
 
-def test_two_ranks_resumed_from_a_mid_epoch_checkpoint_follow_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("batchnorm", ["all_cameras", "per_rank"])
+def test_two_ranks_resumed_from_a_mid_epoch_checkpoint_follow_the_uninterrupted_run(tmp_path, batchnorm):
     """2 gloo ranks: the run is cut right after its mid-epoch checkpoint (the newer checkpoints' manifests are
     removed, as if the job had been killed then) and resumed; float64 separates the implementation from rounding."""
     import shutil
@@ -164,7 +193,7 @@ def test_two_ranks_resumed_from_a_mid_epoch_checkpoint_follow_the_uninterrupted_
 
     every = TINY + [f"data.root={tmp_path / 'synth'}", "train.epochs=2", "train.warmup_epochs=1",
                     "train.steps_per_epoch=4", "train.checkpoint_every_steps=2", "train.keep_checkpoints=10",
-                    "train.batch_size=12", "train.dtype=float64"]
+                    "train.batch_size=12", "train.dtype=float64", f"model.batchnorm={batchnorm}"]
     torchrun(2, every + [f"output_dir={tmp_path / 'whole'}"])
     shutil.copytree(tmp_path / "whole", tmp_path / "cut")
     for name in ("e0002.json",):  # killed right after e0001s000002 (epoch 1 at step 2) was written
