@@ -106,7 +106,7 @@ def format_protocol_table(results: dict) -> str:
 
 
 def save_retrieval_picture(features: dict, cfg, path: str) -> str:
-    """The retrieval grid of ``eval.picture_queries`` evenly spread queries (features from ``evaluate_model``)."""
+    """The retrieval grid of ``eval.picture_queries`` evenly spread queries (features from ``embed_for_evaluation``)."""
     (q_paths, q_pids, q_cams), (g_paths, g_pids, g_cams) = features["query_items"], features["gallery_items"]
     picked = np.linspace(0, len(q_paths) - 1, num=min(cfg.eval.picture_queries, len(q_paths))).astype(int)
     order = top_matches(features["query"][picked], features["gallery"], k=10).cpu().numpy()  # junk shown grey
