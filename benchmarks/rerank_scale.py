@@ -5,24 +5,28 @@ few N × N matrices). Features are synthetic but shaped like re-ID embeddings: i
 over 20 cameras, each image its identity's centre plus noise plus a per-camera offset in a 24-dimensional space
 embedded in D dimensions (so the ranking is far from perfect and the same-camera rule matters), L2-normalised.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/rerank_scale.py --json    # ~1-3 minutes on 2 CPU cores
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/rerank_scale.py --json    # ~1-3 minutes on 2 CPU cores; writes
+                                                                        # benchmarks/results/rerank_scale.json
     python benchmarks/rerank_scale.py --queries 300 --gallery 2000         # quick look
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reid.evaluation import evaluate, evaluate_distances
-from reid.rerank import rerank
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for benchmarks.common
+from benchmarks.common import add_json_flag, write_json  # noqa: E402
+from reid.evaluation import evaluate, evaluate_distances  # noqa: E402
+from reid.rerank import rerank  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -57,7 +61,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=2048)
     p.add_argument("--cameras", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", nargs="?", const="benchmarks/results/rerank_scale.json", default=None)
+    add_json_flag(p, "rerank_scale")
     args = p.parse_args()
     qf, gf, qp, gp, qc, gc = features(args.queries, args.gallery, args.dim, args.cameras, args.seed)
     before = evaluate(qf, gf, qp, gp, qc, gc)
@@ -80,11 +84,7 @@ def main() -> None:
           f"{seconds:.1f} s, peak RSS {peak:.0f} MB (before: {rss0:.0f} MB)")
     print(f"mAP {100 * result['mAP_before']:.1f} → {100 * result['mAP_after']:.1f}, "
           f"R1 {100 * result['rank1_before']:.1f} → {100 * result['rank1_after']:.1f}")
-    if args.json:
-        os.makedirs(os.path.dirname(args.json), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

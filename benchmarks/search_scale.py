@@ -7,21 +7,24 @@ identity around an identity centre, like re-ID embeddings; queries are new image
   recall@10   |approx top-10 ∩ exact top-10| / 10, averaged over the queries
   build s     training (k-means) + adding the gallery
   query ms    search time per query, all queries in one batch
-Prints a table and writes JSON.
+Prints a table; --json also writes it (without a path to benchmarks/results/search_scale.json).
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/search_scale.py --json benchmarks/results/search_scale.json
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/search_scale.py --json
     python benchmarks/search_scale.py --gallery 1000000 --nlist 4096 --nprobe 16 64 256   # at scale (GPU if faiss-gpu)
 """
 from __future__ import annotations
 
 import argparse
-import json
 import platform
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from reid.search import _faiss, build_faiss_index, search_index
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for benchmarks.common
+from benchmarks.common import add_json_flag, write_json  # noqa: E402
+from reid.search import _faiss, build_faiss_index, search_index  # noqa: E402
 
 TOPK = 10
 
@@ -73,7 +76,7 @@ def main() -> None:
     p.add_argument("--per-identity", type=int, default=10, help="clustered: images per identity")
     p.add_argument("--spread", type=float, default=1.0, help="clustered: noise norm around the identity centre")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="write the results here")
+    add_json_flag(p, "search_scale")
     args = p.parse_args()
 
     rows = []
@@ -93,11 +96,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['data']:<10} {r['index']:<22} {r['nprobe'] or '-':>6} {r['recall@10']:>10.3f} {r['build_s']:>8.2f} "
               f"{r['query_ms']:>9.3f} {r['bytes_per_row']:>10}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "faiss": faiss.__version__, "gpus": gpus, "machine": platform.machine(),
-                       "processor": platform.processor(), "rows": rows}, f, indent=2)
-        print(f"wrote {args.json}")
+    write_json(args.json, {"args": vars(args), "faiss": faiss.__version__, "gpus": gpus, "machine": platform.machine(),
+                           "processor": platform.processor(), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -3,10 +3,10 @@ its own cameras; running statistics merged over ranks before every fill, evaluat
 
 Trains the synthetic config twice with R torchrun ranks — the same global batches, augmentations and seed — with
 `model.batchnorm=all_cameras` (the all-reduce BatchNorm) and
-`model.batchnorm=per_rank`. Prints final mAP / Rank-1, same- vs cross-camera Rank-1 and images/s per rank; writes
-JSON.
+`model.batchnorm=per_rank`. Prints final mAP / Rank-1, same- vs cross-camera Rank-1 and images/s per rank; with
+--json writes them (by default to benchmarks/results/batchnorm_modes.json: batchnorm.json holds the old comparison).
 
-    python benchmarks/batchnorm.py --ranks 2 train.epochs=6
+    python benchmarks/experiments/batchnorm.py --ranks 2 train.epochs=6 --json
 """
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for benchmarks.common
+from benchmarks.common import add_json_flag, write_json  # noqa: E402
 
 
 def run(name: str, ranks: int, batchnorm: str, out: str, config: str, overrides: list[str]) -> dict:
@@ -35,9 +39,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--config", default="configs/synthetic.yaml")
-    p.add_argument("--out", default="runs/batchnorm")
-    p.add_argument("--json", default="benchmarks/results/batchnorm_modes.json")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("--out", default="runs/batchnorm", help="folder for the two training runs")
+    add_json_flag(p, "batchnorm_modes")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for both runs")
     args = p.parse_args()
     rows = [run(f"{args.ranks} ranks, {mode} BN", args.ranks, mode, os.path.join(args.out, mode), args.config,
                 args.overrides) for mode in ("all_cameras", "per_rank")]
@@ -47,9 +51,7 @@ def main() -> int:
         print(f"{name:<34} | {100 * r['mAP']:.1f} | {100 * r['rank1']:.1f} | "
               f"{100 * (r.get('same_camera_rank1') or 0):.1f} | {100 * (r.get('cross_camera_rank1') or 0):.1f} | "
               f"{r['images_per_s_per_rank']:.0f} | {r['wall_s']:.0f}")
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"ranks": args.ranks, "overrides": args.overrides, "rows": rows}, f, indent=2)
+    write_json(args.json, {"ranks": args.ranks, "overrides": args.overrides, "rows": rows})
     return 0
 
 

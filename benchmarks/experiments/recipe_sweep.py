@@ -2,20 +2,24 @@
 
 The warm-up (intra-camera loss only) is trained once; every setting then resumes from a copy of that
 checkpoint (`reid.ablate.start_from_warmup`) and trains the full CTACL loss for the same epochs. Prints
-mAP / Rank-1 / cross-camera Rank-1 / mined-positive precision per setting and writes JSON.
+mAP / Rank-1 / cross-camera Rank-1 / mined-positive precision per setting; with --json writes them.
 
 Identities are read only by the evaluation and the diagnostics, never by the loss; the settings are
 compared on the synthetic data's held-out query/gallery identities, which is why the README lists every
 setting that was tried, not only the chosen one.
 
-    python benchmarks/recipe_sweep.py train.epochs=7
+    python benchmarks/experiments/recipe_sweep.py train.epochs=7 --json   # benchmarks/results/recipe_sweep.json
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for benchmarks.common
+from benchmarks.common import add_json_flag, write_json  # noqa: E402
 
 SETTINGS = {
     "reference (ρ 0.01, λ 0.2)": ["loss.grey_zone=0.01", "loss.cam_weight=0.2"],
@@ -33,8 +37,8 @@ SETTINGS = {
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/synthetic.yaml")
-    p.add_argument("--out", default="runs/recipe_sweep")
-    p.add_argument("--json", default="benchmarks/results/recipe_sweep.json")
+    p.add_argument("--out", default="runs/recipe_sweep", help="folder for the warm-up and one run per setting")
+    add_json_flag(p, "recipe_sweep")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every setting (e.g. train.epochs=7)")
     args = p.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -70,10 +74,8 @@ def main() -> int:
         lines.append(f"| {r['setting']} | {pct(r['mAP'])} | {pct(r['rank1'])} | {pct(r['cross_camera_rank1'])} | "
                      f"{pct(r['hard_positive_precision'])} | {pct(r['easy_positive_precision'])} |")
     print("\n".join(lines))
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"config": args.config, "overrides": args.overrides, "epochs": base.train.epochs,
-                   "warmup_epochs": base.train.warmup_epochs, "rows": rows}, f, indent=2)
+    write_json(args.json, {"config": args.config, "overrides": args.overrides, "epochs": base.train.epochs,
+                           "warmup_epochs": base.train.warmup_epochs, "rows": rows})
     return 0
 
 

@@ -7,15 +7,20 @@ For a run folder (its checkpoint's memory) on a labelled dataset, prints:
   how many true matches a grey zone of that size keeps out of the negatives.
 It ranks all N×N pairs at once, so it is meant for synthetic-sized sets (N of a few thousand), not VeRi-Wild.
 
-    python benchmarks/memory_diagnostics.py runs/ablation10/ablation/_warmup --root data/synthetic
+    python benchmarks/experiments/memory_diagnostics.py runs/ablation10/ablation/_warmup --root data/synthetic \
+        --json benchmarks/results/memory_diagnostics_warmup.json
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for benchmarks.common
+from benchmarks.common import add_json_flag, write_json  # noqa: E402
 
 
 def main() -> int:
@@ -23,7 +28,7 @@ def main() -> int:
     p.add_argument("run", help="a run folder with checkpoint.pt and its memory_e* folder")
     p.add_argument("--format", default="veri776")
     p.add_argument("--root", default="data/synthetic")
-    p.add_argument("--json", default="")
+    add_json_flag(p, "memory_diagnostics")
     args = p.parse_args()
     from reid.data.readers import load_dataset
     from reid.memory import MemoryBank
@@ -59,9 +64,7 @@ def main() -> int:
         precision, recall = float(hits[:, :k].mean()), float((hits[:, :k].sum(1) / n_true).mean())
         result["depths"][name] = {"depth": k, "precision": precision, "recall": recall}
         print(f"| {name} | {k} | {100 * precision:.1f} % | {100 * recall:.1f} % |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
     return 0
 
 

@@ -14,8 +14,8 @@ The generator should make untrained features score a few % mAP cross-camera and 
 easier than cross-camera (the camera domain gap). The mAP here is a small numpy version written for this
 script; the project's own is reid.evaluation.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/synthetic_difficulty.py [--root DIR] [--json PATH]
-Prints a table and writes JSON (default benchmarks/results/synthetic_difficulty.json).
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/experiments/synthetic_difficulty.py [--root DIR] [--json [PATH]]
+Prints a table; --json also writes it (without PATH to benchmarks/results/synthetic_difficulty.json).
 """
 from __future__ import annotations
 
@@ -27,13 +27,16 @@ import platform
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision
 from PIL import Image
 
-from reid.data.synthetic import NAME, SynthConfig, camera_views, generate
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for benchmarks.common
+from benchmarks.common import add_json_flag, write_json  # noqa: E402
+from reid.data.synthetic import NAME, SynthConfig, camera_views, generate  # noqa: E402
 
 
 def load_split(folder: str):
@@ -104,7 +107,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", help="an existing synthetic dataset (default: generate the default config)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "synthetic_difficulty.json"))
+    add_json_flag(p, "synthetic_difficulty")
     args = p.parse_args()
     torch.set_num_threads(1)
     cfg = SynthConfig(seed=args.seed)
@@ -148,10 +151,7 @@ def main() -> None:
               "camera_views": {f"c{c:03d}": v for c, v in enumerate(views) if c}, "results": rows,
               "machine": {"python": sys.version.split()[0], "torch": torch.__version__, "cpu": platform.processor()
                           or platform.machine(), "threads": torch.get_num_threads()}}
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.json}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":
