@@ -33,6 +33,10 @@ class DataConfig:
     workers: int = 4               # DataLoader workers per rank
     check_images: bool = False     # open every image header when reading the dataset
     skip_corrupt: bool = False     # corrupt images: False = stop with an error naming the file, True = blank + count
+    # where training images are decoded and augmented: cpu = PIL in DataLoader workers; gpu = workers only read
+    # bytes, the training device decodes (batched nvjpeg on CUDA) and augments (reid.data.gpu_decode). gpu on a
+    # CPU device is allowed: the same code decodes on the CPU.
+    decode: str = "cpu"
 
 
 @dataclass
@@ -133,6 +137,7 @@ _CHOICES = {
     "model.batchnorm": ("all_cameras", "per_rank"),
     "train.dtype": ("float32", "float64"),
     "eval.level": ("auto", "image", "tracklet"),
+    "data.decode": ("cpu", "gpu"),
 }
 LEGACY_KEYS = ("model.sync_bn",)  # in configs saved by older versions (checkpoints); ignored when read back
 
