@@ -72,7 +72,6 @@ class LossConfig:
     cam_weight: float = 0.2
     hard_positives: bool = True    # ablation switches: mined cross-camera positives of each kind
     easy_positives: bool = True
-    exact: bool = True             # exact distributed grey-zone cut (DESIGN §4)
 
 
 @dataclass
@@ -139,7 +138,7 @@ _CHOICES = {
     "eval.level": ("auto", "image", "tracklet"),
     "data.decode": ("cpu", "gpu"),
 }
-LEGACY_KEYS = ("model.sync_bn",)  # in configs saved by older versions (checkpoints); ignored when read back
+LEGACY_KEYS = ("model.sync_bn", "loss.exact")  # in configs saved by older versions (checkpoints); ignored when read back
 
 
 def _convert(key: str, value, typ):

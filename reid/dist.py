@@ -22,7 +22,7 @@ __all__ = [
     "DistEnv", "LauncherEnv", "TORCHRUN_VARIABLES", "launcher_env", "select_device",
     "init_distributed", "is_initialized", "rank", "world_size", "is_main", "barrier", "destroy",
     "sum_across_ranks", "max_across_ranks", "gather_anchors", "gather_rows", "gather_candidates", "gather_objects",
-    "broadcast_object",
+    "broadcast_object", "Ranks", "ALL_RANKS", "ONE_PROCESS",
     "COMM_BYTES", "reset_comm_bytes",
 ]
 
@@ -316,3 +316,42 @@ def gather_candidates(t: torch.Tensor) -> torch.Tensor:
     _count(t)
     tdist.all_gather(parts, t.contiguous())
     return torch.cat(parts, 1)
+
+
+# ----------------------------------------------------------------------------------------- the loss's view
+
+
+class Ranks:
+    """The collectives the CTACL loss uses, over every rank of the process group (``ALL_RANKS``) or over this
+    process alone (``ONE_PROCESS``: each is the identity, also inside a multi-process job). The loss takes one
+    of these, so the single-process loss and the sharded one are the same code (reid.losses)."""
+
+    def __init__(self, local: bool):
+        self.local = local
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.local else rank()
+
+    @property
+    def world(self) -> int:
+        return 1 if self.local else world_size()
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach().clone() if self.local else sum_across_ranks(t)
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach().clone() if self.local else max_across_ranks(t)
+
+    def gather_anchors(self, t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        return (t, [t.shape[0]]) if self.local else gather_anchors(t)
+
+    def gather_rows(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        return t.detach() if self.local else gather_rows(t, sizes)
+
+    def gather_candidates(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.local else gather_candidates(t)
+
+
+ALL_RANKS = Ranks(local=False)
+ONE_PROCESS = Ranks(local=True)

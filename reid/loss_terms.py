@@ -1,53 +1,105 @@
-"""The small pieces of the CTACL loss (DESIGN §3) that the single-process loss (``reid.losses``) and the
-camera-sharded loss (``reid.sharded_loss``) share, so that both compute exactly the same thing:
-positive pairs, the hardest positive, the grey-zone size and cut, the multiset denominator, camera
-centroids and the camera-alignment term, and the autograd hand-off ``dL/ds · M / τ``.
+"""The pieces of the CTACL loss (DESIGN §3) that are not the loss's algebra: the memory a rank scores against
+(``MemoryShard``: rows, labels, the tracklet index and the few global facts), the grey-zone size and its exact
+cut across ranks (radix selection), the camera-alignment term and the autograd hand-off ``dL/ds · M / τ``.
+The loss itself is ``reid.losses``; it reads these and nothing else.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from reid.dist import Ranks
 
-# ----------------------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------------------- the memory shard
 
 
-def positive_pairs(cams, tracklets, memory_cams, memory_tracklets):
-    """Every (anchor, memory row) pair of the same camera and tracklet: the sets ``P_i``, flattened.
+@dataclass
+class MemoryShard:
+    """The memory rows one rank scores against, and what the loss must know about all of them.
 
-    cams, tracklets: (B,) int64; memory_cams, memory_tracklets: (N,) int64.
-    Returns ``anchor_index`` (P,), ``row_index`` (P,) (sorted by anchor) and ``counts`` (B,) = |P_i|.
-    Sorting the N memory keys once costs O(N log N) instead of a (B, N) comparison.
+    rows: (N_r, D) L2-normalised; cams, tracklets, global_ids: (N_r,) int64; camera_rows: (C,) int64 rows of each
+    camera over all ranks; centroids: () → ((C, D) normalised camera centroids, (C,) bool present), over all
+    ranks. The rest is derived once by ``build`` (host values, so a training step needs no host synchronisation
+    to find positives or size its buffers): the sorted (camera, tracklet) keys, the longest tracklet, the total
+    row count and the smallest camera.
     """
-    n = memory_cams.numel()
-    # One int64 key per (camera, tracklet): compact each id first so the product cannot overflow.
-    # (torch.unique(dim=0) on the pairs would do the same but is ~50x slower on CPU.)
-    _, cam_id = torch.unique(torch.cat([memory_cams, cams]), return_inverse=True)
-    tracklet_values, tracklet_id = torch.unique(torch.cat([memory_tracklets, tracklets]), return_inverse=True)
-    pair_id = cam_id * tracklet_values.numel() + tracklet_id
-    sorted_ids, order = torch.sort(pair_id[:n], stable=True)
-    anchor_ids = pair_id[n:]
-    lo = torch.searchsorted(sorted_ids, anchor_ids)
-    counts = torch.searchsorted(sorted_ids, anchor_ids, right=True) - lo
-    anchor_index = torch.repeat_interleave(torch.arange(cams.numel(), device=cams.device), counts)
-    first = torch.cumsum(counts, 0) - counts  # where each anchor's block starts in the flat list
-    within = torch.arange(anchor_index.numel(), device=cams.device) - first[anchor_index]
-    return anchor_index, order[lo[anchor_index] + within], counts
+
+    rows: torch.Tensor
+    cams: torch.Tensor
+    tracklets: torch.Tensor
+    global_ids: torch.Tensor
+    camera_rows: torch.Tensor
+    centroids: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    total_rows: int = 0
+    cameras_present: int = 0
+    fewest_camera_rows: int = 0
+    tracklet_span: int = 1
+    longest_tracklet: int = 0
+    sorted_keys: torch.Tensor | None = None
+    key_order: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, rows, cams, tracklets, global_ids, camera_rows, centroids) -> "MemoryShard":
+        shard = cls(rows, cams.long(), tracklets.long(), global_ids.long(), camera_rows.long(), centroids)
+        counts = shard.camera_rows.tolist()
+        shard.total_rows = int(sum(counts))
+        present = [c for c in counts if c > 0]
+        shard.cameras_present = len(present)
+        shard.fewest_camera_rows = min(present) if present else 0
+        shard.tracklet_span = int(shard.tracklets.max()) + 1 if shard.tracklets.numel() else 1
+        shard.sorted_keys, shard.key_order = torch.sort(shard.cams * shard.tracklet_span + shard.tracklets)
+        if shard.sorted_keys.numel():
+            shard.longest_tracklet = int(torch.unique_consecutive(shard.sorted_keys, return_counts=True)[1].max())
+        return shard
+
+    def positives(self, cams, tracklets):
+        """``P_i`` of each anchor as padded local rows: (B, L) int64 rows, (B, L) bool valid, (B,) |P_i|, with L
+        the longest tracklet (fixed per shard, so no host synchronisation). |P_i| = 0 if the anchor's camera and
+        tracklet have no row on this rank."""
+        n, longest = self.sorted_keys.numel(), self.longest_tracklet
+        known = (tracklets >= 0) & (tracklets < self.tracklet_span)
+        keys = torch.where(known, cams * self.tracklet_span + tracklets, -1)
+        lo = torch.searchsorted(self.sorted_keys, keys)
+        count = torch.searchsorted(self.sorted_keys, keys, right=True) - lo
+        offsets = torch.arange(longest, device=cams.device)
+        valid = offsets[None, :] < count[:, None]
+        rows = self.key_order[(lo[:, None] + offsets[None, :]).clamp(max=max(n - 1, 0))] if n else \
+            torch.zeros(cams.shape[0], 0, dtype=torch.long, device=cams.device)
+        return rows, valid, count
+
+    def pair_logits(self, scaled, rows, valid, chunk_elements: int = 1 << 24):
+        """``s_ij = f_i·m_j/τ`` on the positive pairs: scaled (B, D) = f/τ, rows/valid (B, L). Returns (B, L) in
+        at least fp32 (0 where invalid), anchors in chunks so the gathered (b, L, D) block stays small."""
+        b, longest = rows.shape
+        dtype = torch.promote_types(scaled.dtype, torch.float32)
+        out = torch.zeros(b, longest, dtype=dtype, device=scaled.device)
+        step = max(1, chunk_elements // max(1, longest * self.rows.shape[1]))
+        for start in range(0, b, step):
+            block = self.rows[rows[start:start + step]].to(dtype)  # (b, L, D)
+            out[start:start + step] = torch.bmm(block, scaled[start:start + step].to(dtype)[:, :, None])[:, :, 0]
+        return out.masked_fill_(~valid, 0.0)
+
+    def grey_depth(self, grey_zone: float) -> int:
+        """An upper bound of ⌊ρ|O_i|⌋ over every possible anchor (|O_i| = N − rows of i's camera)."""
+        return int(math.floor((self.total_rows - self.fewest_camera_rows) * grey_zone + 1e-9))
 
 
-def hardest_positive_rows(pair_logits, anchor_index, row_index, batch_size: int):
-    """``j*_i = argmin_{j∈P_i} s_ij`` (DESIGN §3 hard positive), from the flat pair list.
+def hardest_positive_rows(pair_logits, rows, valid):
+    """``j*_i = argmin_{j∈P_i} s_ij`` (DESIGN §3 hard positive) from padded pairs (B, L). Returns (B,) local rows
+    (0 where P_i is empty). Ties are irrelevant (DESIGN): the largest row among equal minima is taken."""
+    if rows.shape[1] == 0:
+        return torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
+    masked = pair_logits.masked_fill(~valid, math.inf)
+    at_lowest = valid & (masked == masked.amin(1, keepdim=True))
+    return torch.where(at_lowest, rows, -1).amax(1).clamp(min=0)
 
-    pair_logits, anchor_index, row_index: (P,). Returns (B,) int64 memory rows (-1 if ``P_i`` is empty).
-    Ties are irrelevant (DESIGN): the largest row id among equal minima is taken.
-    """
-    lowest = pair_logits.new_full((batch_size,), math.inf).scatter_reduce(0, anchor_index, pair_logits, "amin")
-    at_lowest = pair_logits == lowest[anchor_index]
-    rows = torch.full((batch_size,), -1, dtype=torch.long, device=row_index.device)
-    return rows.scatter_reduce(0, anchor_index[at_lowest], row_index[at_lowest], "amax")
+
+# ----------------------------------------------------------------------------------------- the grey zone
 
 
 def grey_zone_sizes(n_other, grey_zone: float):
@@ -58,47 +110,71 @@ def grey_zone_sizes(n_other, grey_zone: float):
     return torch.floor(n_other.to(torch.float64) * grey_zone + 1e-9).long()
 
 
-def grey_zone_thresholds(ranked_values, sizes):
-    """Per-anchor cut: the ``sizes[i]``-th largest ``r`` among ``O_i``; +inf where the grey zone is empty.
+def _order_keys(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Integer keys with the same order as the floats x (int64 tensor) and their bit width (32 or 64)."""
+    if x.dtype == torch.float64:
+        bits, width = x.view(torch.int64), 64
+        return torch.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits), width
+    bits = x.float().contiguous().view(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long(), 32
 
-    ranked_values: (B, k) values of ``r`` over ``O_i`` sorted descending, k ≥ max(sizes); sizes: (B,).
-    A row j of ``O_i`` is in the grey zone iff ``r_ij >= threshold_i`` (ties are irrelevant, DESIGN §3).
+
+def _from_order_keys(keys: torch.Tensor, width: int) -> torch.Tensor:
+    bits = torch.where(keys < 0, keys ^ (0x7FFFFFFFFFFFFFFF if width == 64 else 0x7FFFFFFF), keys)
+    return bits.view(torch.float64) if width == 64 else bits.to(torch.int32).view(torch.float32)
+
+
+def radix_select(values: torch.Tensor, k: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """Per row, the k-th largest of ``values`` over every rank's columns, exactly, by radix selection.
+
+    values: (B, M) float (this rank's candidates; -inf for none); k: (B,) int64 ≥ 1 and at most the number of
+    finite candidates over all ranks. One round per byte of the float's order-preserving bits, most significant
+    first, for all anchors at once: each rank counts its candidates that still match the prefix per 256 digit
+    values, the (B, 256) counts are summed over ranks (the round's one collective: 4 for fp32, 8 for fp64,
+    whatever N is), and the bin holding the k-th largest fixes the next byte. Returns (B,) in values' dtype.
     """
-    if ranked_values.shape[1] == 0:
-        return ranked_values.new_full(sizes.shape, math.inf)
-    cut = ranked_values.gather(1, (sizes - 1).clamp(min=0)[:, None]).squeeze(1)
-    return torch.where(sizes > 0, cut, torch.full_like(cut, math.inf))
+    keys, width = _order_keys(values)
+    pattern = keys + (1 << 31) if width == 32 else keys ^ (-(1 << 63))  # unsigned order, top byte first
+    b = values.shape[0]
+    prefix = torch.zeros(b, dtype=torch.long, device=values.device)
+    remaining = k.clone()
+    match = torch.ones_like(pattern, dtype=torch.bool)
+    ones = torch.ones(1, 1, dtype=torch.int32, device=values.device).expand_as(pattern)
+    for shift in range(width - 8, -1, -8):
+        digit = (pattern >> shift) & 255
+        hist = torch.zeros(b, 257, dtype=torch.int32, device=values.device)
+        hist.scatter_add_(1, torch.where(match, digit, 256), ones)  # non-matching candidates land in bin 256
+        hist = ranks.sum(hist[:, :256]).long().flip(1)  # bins from the largest digit down
+        above = hist.cumsum(1)
+        pos = (above < remaining[:, None]).sum(1).clamp(max=255)  # first bin where the count reaches k
+        remaining = remaining - (above.gather(1, pos[:, None]) - hist.gather(1, pos[:, None])).squeeze(1)
+        chosen = 255 - pos
+        prefix = (prefix << 8) | chosen
+        match &= digit == chosen[:, None]
+    cut = prefix - (1 << 31) if width == 32 else prefix ^ (-(1 << 63))
+    return _from_order_keys(cut, width).to(values.dtype)
 
 
-def log_denominator(base_log_sum, selected_logits):
-    """``log Σ_{k∈Δ_i} exp s_ik`` for the multiset Δ_i = base ⊎ selected.
+# ----------------------------------------------------------------------------------------- the camera term
 
-    base_log_sum: (B,) ``log Σ exp s`` over the plain rows (here A_i ∪ N_i); selected_logits: (B, K')
-    logits of the extra picks (H_i and E_i side by side, one column per pick so a row picked twice
-    counts twice; -inf pads a missing pick). Returns (B,).
+
+def camera_centroids(memory, memory_cams, num_cameras: int):
+    """``C_c = normalize(Σ_{j: c_j=c} m_j)`` (the sum's direction is the mean's), one pass over the memory.
+
+    memory: (N, D); memory_cams: (N,) in 0..num_cameras-1. Returns ((num_cameras, D), (num_cameras,) bool present).
     """
-    return torch.logsumexp(torch.cat([base_log_sum[:, None], selected_logits], 1), 1)
+    sums = memory.new_zeros(num_cameras, memory.shape[1], dtype=torch.promote_types(memory.dtype, torch.float32))
+    sums.index_add_(0, memory_cams, memory.to(sums.dtype))
+    return F.normalize(sums, dim=1), torch.bincount(memory_cams, minlength=num_cameras) > 0
 
 
-def camera_centroids(memory, memory_cams):
-    """``C_c = normalize(mean_{j: c_j=c} m_j)`` over the cameras that have memory rows.
-
-    memory: (N, D); memory_cams: (N,). Returns ``camera_ids`` (C,) sorted and ``centroids`` (C, D).
-    Normalising the sum equals normalising the mean; one pass over the memory.
-    """
-    camera_ids, slot = torch.unique(memory_cams, return_inverse=True)
-    sums = memory.new_zeros(camera_ids.numel(), memory.shape[1]).index_add_(0, slot, memory)
-    return camera_ids, F.normalize(sums, dim=1)
-
-
-def camera_alignment_loss(features, centroids):
-    """``L_cam(i) = KL(uniform ‖ softmax(f_i·Cᵀ))`` (no temperature, DESIGN §3 literally).
-
-    features: (B, D); centroids: (C, D). Returns (B,). KL(u‖p) = Σ_c u_c log(u_c/p_c)
-    = logsumexp(z) − mean(z) − log C with z = f_i·Cᵀ.
-    """
-    z = features @ centroids.T
-    return torch.logsumexp(z, 1) - z.mean(1) - math.log(centroids.shape[0])
+def camera_alignment_loss(features, centroids, present, cameras_present: int):
+    """``L_cam(i) = KL(uniform ‖ softmax(f_i·Cᵀ))`` over the present cameras (no temperature, DESIGN §3
+    literally). features: (B, D); centroids: (C, D); present: (C,) bool; cameras_present = its count (a host int,
+    so no synchronisation). KL(u‖p) = logsumexp(z) − mean(z) − log C with z = f_i·Cᵀ. Returns (B,)."""
+    z = features @ centroids.to(features.dtype).T
+    lse = torch.logsumexp(z.masked_fill(~present, -math.inf), 1)
+    return lse - z.masked_fill(~present, 0.0).sum(1) / cameras_present - math.log(cameras_present)
 
 
 # ----------------------------------------------------------------------------------------- autograd

@@ -1,28 +1,36 @@
-"""The CTACL loss on one process, exactly as DESIGN.md §3, vectorised over anchors.
+"""The CTACL loss (DESIGN §3) over camera-sharded memory (DESIGN §4): one implementation for one process and
+for R ranks. ``ctacl_loss(features, cams, tracklets, memory, memory_cams, memory_tracklets)`` is its one-rank
+case; ``sharded_ctacl_loss(features, cams, tracklets, rows, bank)`` is what training calls at every world size.
 
-Notation (DESIGN §3): anchors ``f_i`` (B, D), memory rows ``m_j`` (N, D), logits ``s_ij = f_i·m_j/τ``;
-``A_i`` same-camera rows, ``P_i`` same camera and tracklet, hard positive ``h_i`` = row of ``P_i`` with the
-lowest ``s``, ``O_i`` other-camera rows ranked by ``r_ij = h_i·m_j``, ``H_i``/``E_i`` top-K of ``O_i`` by
-``r``/``s``, grey zone = top-⌊ρ|O_i|⌋ of ``O_i`` by ``r``, ``N_i`` = the rest of ``O_i``.
+Notation: anchors ``f_i``, memory rows ``m_j``, logits ``s_ij = f_i·m_j/τ``; ``A_i`` same-camera rows, ``P_i``
+same camera and tracklet, hard positive ``h_i`` = row of ``P_i`` with the lowest ``s``, ``O_i`` other-camera rows
+ranked by ``r_ij = h_i·m_j``, ``H_i``/``E_i`` top-K of ``O_i`` by ``r``/``s``, grey zone = top-⌊ρ|O_i|⌋ of ``O_i``
+by ``r``, ``N_i`` = the rest of ``O_i``. A row picked as both hard and easy positive weighs 2 in the numerator and
+up to 3 in the denominator ("an entry chosen twice counts twice").
 
-How it is computed: ``h_i`` needs ``s`` only on the few rows of ``P_i``, so it is picked first and
-``s`` and ``r`` come from one (2B, D)·(D, N) product (the memory is read once). One no-grad pass over
-them yields the loss value *and* ``dL/ds`` (B, N); a small autograd Function hands ``dL/ds · M / τ`` to
-``features`` in backward, so autograd never stores (B, N) intermediates. Beyond the products: one top-k
-over ``r`` (hard positives and grey-zone cut together), a top-K over ``s``, a few elementwise passes and
-one pass over the memory for the camera centroids: 1.1-1.2x the bare products at VeRi-776 and VeRi-Wild
-scale (benchmarks/loss_step.py). Extra memory: two float and three bool (B, N) buffers, never O(N²).
-The multisets of §3 become integer weights per (anchor, row): a row picked as both hard and easy
-positive weighs 2 in the numerator and, being also in ``N_i`` unless in the grey zone, up to 3 in the
-denominator ("an entry chosen twice counts twice").
+Each rank holds the rows of its cameras and draws anchors from them, so ``A_i``, ``P_i`` and ``h_i`` live on the
+anchor's own rank; only ``O_i`` spans ranks. One full-mode step (B_u union anchors, N_r rows on this rank):
 
-Camera term: ``L_cam(i) = KL(uniform ‖ softmax(f_i·Cᵀ))`` with **no temperature**, literally as DESIGN §3
-writes it (the original code is not available to check). With unit vectors the logits lie in [-1, 1], so
-this term is small and gentle; a temperature would be a one-line change in ``camera_alignment_loss``.
+1. own anchors: ``P_i`` from the shard's tracklet index, ``s`` on those pairs, ``h_i``; the anchors (with
+   gradient) and a packed (h_i, camera, |P_i|, Σ_P s) row per anchor are gathered: two gathers;
+2. ``s`` and ``r`` of the union batch against this rank's rows from one (N_r, D)·(D, 2B_u) product;
+3. one sorted top-k of ``r`` over ``O_i`` gives this rank's hard-positive candidates and its grey-zone
+   candidates; the grey-zone cut (the ⌊ρ|O_i|⌋-th largest ``r`` over all ranks) is found exactly by radix
+   selection over those candidates: 4 (fp32) or 8 (fp64) all-reduces of (B_u, 256) counts;
+4. top-K of ``s`` over ``O_i``; the local hard and easy candidates (value, global id, ``s``) are gathered in one
+   collective and merged into the global ``H_i`` and ``E_i``;
+5. per rank, over its non-grey rows: max and Σexp of ``s`` (plus the logged ``L_intra`` and ``L_cam`` of its
+   own anchors) — one gather; every rank then knows every anchor's loss and ``dL/ds`` on its own rows;
+6. a small autograd Function hands ``dL/ds · M_r/τ`` to the union anchors; the gather's backward sums these
+   over ranks into each anchor's owner.
+Collectives per step do not depend on N or on the number of cameras; bytes are O(B·(D + K·R)). No host
+synchronisation beyond the union's sizes. Extra memory: two (B_u, N_r) float buffers and two bool ones.
 
-The shared pieces live in ``reid.loss_terms`` (re-exported here), so the camera-sharded loss agrees with
-this one exactly: ``positive_pairs``, ``hardest_positive_rows``, ``grey_zone_sizes``, ``grey_zone_thresholds``,
-``log_denominator``, ``camera_centroids`` and ``camera_alignment_loss``.
+Scaling: rank r returns ``loss_r = R · (Σ_{i own} ℓ_i + λ Σ_{i own} L_cam(i)) / B_u``. Summed over ranks these
+give R · ∇(union-batch mean loss); DDP averages gradients over R, so the model sees exactly the gradient of
+the loss on the union batch and the whole memory.
+
+Camera term: ``L_cam(i) = KL(uniform ‖ softmax(f_i·Cᵀ))`` with no temperature, literally as DESIGN §3 writes it.
 """
 
 from __future__ import annotations
@@ -31,36 +39,206 @@ import math
 
 import torch
 
+from reid.dist import ALL_RANKS, ONE_PROCESS, Ranks
 from reid.errors import ReidError
-from reid.loss_terms import (ThroughLogits, camera_alignment_loss, camera_centroids, grey_zone_sizes,  # noqa: F401
-                             grey_zone_thresholds, hardest_positive_rows, log_denominator, positive_pairs)
+from reid.loss_terms import (MemoryShard, ThroughLogits, camera_alignment_loss, camera_centroids, grey_zone_sizes,
+                             hardest_positive_rows, radix_select)
 
-__all__ = [
-    "ctacl_loss", "ctacl_loss_parts", "positive_pairs", "hardest_positive_rows", "grey_zone_sizes",
-    "grey_zone_thresholds", "log_denominator", "camera_centroids", "camera_alignment_loss", "ThroughLogits",
-]
+__all__ = ["ctacl_loss", "ctacl_loss_parts", "sharded_ctacl_loss"]
 
 
-# ----------------------------------------------------------------------------------------- the loss
+def _scores(memory: torch.Tensor, *xs: torch.Tensor, rows_per_block: int = 8192) -> list[torch.Tensor]:
+    """``x·M_rᵀ`` (B, N_r) for each x from one pass over the memory, in at least fp32.
 
-
-def _scores(memory, *xs, chunk_elements=1 << 22):
-    """``x·Mᵀ`` for each x (R_k, D) as contiguous (R_k, N) tensors (at least float32), from one product.
-
-    memory: (N, D). One product with the stacked xs reads the N×D memory once. It is computed as
-    ``(M·xᵀ)ᵀ`` over chunks of memory rows: on CPU (MKL) the (n, D)·(D, R) product plus a transposed
-    copy is ~1.5x faster than (R, D)·(D, N) with a transposed operand, and chunks keep the transposed
-    temporary small (measured in benchmarks/loss_step.py).
+    The xs are stacked so the N_r × D rows are read once. Each block is computed as (M·xᵀ)ᵀ: on CPU that layout
+    is markedly faster than x·Mᵀ with a transposed operand (``reid bench loss``). A bf16 memory is widened
+    block by block, so the logits keep fp32 precision (bf16 products would round s to about ±0.03).
     """
-    x = torch.cat(xs) if len(xs) > 1 else xs[0]
-    dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    outs = [torch.empty(part.shape[0], memory.shape[0], dtype=dtype, device=x.device) for part in xs]
-    step = max(1, chunk_elements // max(1, x.shape[0]))
-    for start in range(0, memory.shape[0], step):
-        block = (memory[start:start + step] @ x.T).T
-        for out, part in zip(outs, block.split([o.shape[0] for o in outs])):
-            out[:, start:start + step].copy_(part)
-    return outs
+    dtype = torch.promote_types(memory.dtype, torch.float32)
+    x = torch.cat([t.to(dtype) for t in xs])
+    out = torch.empty(x.shape[0], memory.shape[0], dtype=dtype, device=x.device)
+    for start in range(0, memory.shape[0], rows_per_block):
+        out[:, start:start + rows_per_block] = (memory[start:start + rows_per_block].to(dtype) @ x.T).T
+    return list(out.split([t.shape[0] for t in xs]))
+
+
+def _pack_float(*columns: torch.Tensor) -> torch.Tensor:
+    """Side-by-side float64 columns (exact for fp32 values and for ids below 2^53): one collective, not several."""
+    return torch.cat([c.to(torch.float64)[:, None] if c.dim() == 1 else c.to(torch.float64) for c in columns], 1)
+
+
+def _local_topk(scores: torch.Tensor, k: int, sorted: bool = True):
+    """(values, positions) of the top-k per row, padded with -inf/0 to exactly k columns."""
+    b, n = scores.shape
+    kk = min(k, n)
+    values, pos = scores.topk(kk, dim=1, sorted=sorted)
+    if kk < k:
+        values = torch.cat([values, values.new_full((b, k - kk), -math.inf)], 1)
+        pos = torch.cat([pos, pos.new_zeros(b, k - kk)], 1)
+    return values, pos
+
+
+def _warmup(features, cams, rows, valid, n_pos, pos_sum, shard: MemoryShard, ranks: Ranks, inv_t):
+    """``L_intra(i) = −mean_{p∈P_i} s_ip + log Σ_{k∈A_i} exp s_ik`` and its gradient; A_i and P_i are on the anchor's
+    own rank, so only the logged union mean crosses ranks."""
+    b = features.shape[0]
+    memory = shard.rows
+    with torch.no_grad():
+        (logits,) = _scores(memory, features.detach() * inv_t)
+        logits.masked_fill_(cams[:, None] != shard.cams[None, :], -math.inf)  # keep A_i only
+        shift = logits.amax(1) if logits.shape[1] else logits.new_zeros(b)
+        e = logits.sub_(shift[:, None]).exp_()
+        z = e.sum(1)
+        per_anchor = shift + torch.log(z) - pos_sum / n_pos
+        total = ranks.sum(torch.stack([per_anchor.new_tensor(float(b)), per_anchor.sum()]).double())
+        b_u = total[0].to(e.dtype)
+        grad = e.mul_((1.0 / (b_u * z))[:, None])  # softmax over A_i, divided by B_u for the union mean
+        grad.scatter_add_(1, rows, torch.where(valid, -(1.0 / (b_u * n_pos.to(grad.dtype)))[:, None], 0.0))
+        value = per_anchor.sum() / b_u
+    loss = ThroughLogits.apply(features, value.to(features.dtype), grad, memory, inv_t)
+    mean = total[1] / total[0]
+    zero = mean.new_zeros(())
+    return {"loss": loss * ranks.world, "intra": mean, "inter": zero, "cam": zero.clone(), "per_anchor": per_anchor}
+
+
+def _merge_picks(gathered, local_pos, k_global: int, ranks: Ranks):
+    """Global top-k of every rank's candidate lists. gathered: (B, R, 3, K) packed (value, global id, s) of every
+    rank; local_pos: (B, K) this rank's candidates' positions in its rows. Returns the picks' global ids, their
+    ``s``, which are this rank's (mine) and their local positions; each (B, k_global)."""
+    k_local = local_pos.shape[1]
+    order = gathered[:, :, 0].flatten(1).topk(k_global, dim=1).indices
+    ids = gathered[:, :, 1].flatten(1).gather(1, order).long()
+    s = gathered[:, :, 2].flatten(1).gather(1, order)
+    mine = torch.div(order, k_local, rounding_mode="floor") == ranks.rank
+    return ids, s, mine, local_pos.gather(1, order % k_local)
+
+
+def _loss(features, cams, tracklets, shard: MemoryShard, ranks: Ranks, *, temperature, hard_k, easy_k, grey_zone,
+          cam_weight, warmup) -> dict:
+    """The loss of this rank's anchors over every rank's shard (see the module docstring). Returns ``loss`` (scaled
+    for DDP's averaging: backprop it on every rank), ``intra``/``inter``/``cam`` (0-dim float64 union-batch means),
+    ``hard_ids``/``easy_ids`` (B_r, K) global rows (-1 where fewer than K exist), ``counts`` and ``missing`` (0-dim
+    bool: some anchor has no row of its own camera and tracklet; the caller decides when to look)."""
+    inv_t = 1.0 / temperature
+    b = features.shape[0]
+    memory = shard.rows
+    work = torch.promote_types(memory.dtype, torch.float32)
+    with torch.no_grad():
+        rows_p, valid_p, n_pos = shard.positives(cams, tracklets)
+        pair = shard.pair_logits(features.detach().to(work) * inv_t, rows_p, valid_p)
+        pos_sum = pair.sum(1)
+        missing = (n_pos == 0).any()
+        n_other = shard.total_rows - shard.camera_rows[cams]
+    counts = {"positives": n_pos, "same_camera": shard.camera_rows[cams], "other_camera": n_other,
+              "cameras": shard.cameras_present}
+    empty = torch.empty(b, 0, dtype=torch.long, device=features.device)
+    if warmup:
+        out = _warmup(features, cams, rows_p, valid_p, n_pos, pos_sum, shard, ranks, inv_t)
+        zeros = torch.zeros_like(n_pos)
+        counts.update(hard=zeros, easy=zeros, grey=zeros)
+        return {**out, "hard_ids": empty, "easy_ids": empty, "counts": counts, "missing": missing}
+
+    with torch.no_grad():
+        hard_rows = hardest_positive_rows(pair, rows_p, valid_p)
+        own_rows = _pack_float(memory[hard_rows], cams, n_pos, pos_sum)  # (B_r, D + 3)
+    union, sizes = ranks.gather_anchors(features)  # (B_u, D), differentiable
+    offset, b_u = sum(sizes[: ranks.rank]), sum(sizes)
+    own = slice(offset, offset + b)
+    with torch.no_grad():
+        packed = ranks.gather_rows(own_rows, sizes)
+        d = memory.shape[1]
+        cams_u, n_pos_u, pos_sum_u = packed[:, d].long(), packed[:, d + 1].long(), packed[:, d + 2].to(work)
+        logits, ranking = _scores(memory, union.detach() * inv_t, packed[:, :d])  # s, r: (B_u, N_r) each
+        same = cams_u[:, None] == shard.cams[None, :]  # A_i on this rank
+        n_other_u = shard.total_rows - shard.camera_rows[cams_u]
+
+        # One sorted top-k of r over O_i: its first columns are this rank's hard candidates, all of it holds this
+        # rank's part of the grey zone (the global ⌊ρ|O_i|⌋ largest are among every rank's local ones).
+        ranking.masked_fill_(same, -math.inf)
+        n_grey = grey_zone_sizes(n_other_u, grey_zone)
+        depth = min(memory.shape[0], max(hard_k, shard.grey_depth(grey_zone)))
+        top_r, top_pos = _local_topk(ranking, depth)
+        threshold = radix_select(top_r, n_grey.clamp(min=1), ranks)
+        threshold = torch.where(n_grey > 0, threshold, math.inf)
+        grey = ranking >= threshold[:, None]  # -inf on A_i, so only O_i rows
+
+        # E_i candidates: top-K of s over O_i (the ranking buffer is free now). Then both kinds merged globally.
+        other_logits = torch.where(same, logits.new_tensor(-math.inf), logits, out=ranking)
+        easy_values, easy_pos = _local_topk(other_logits, easy_k)
+        del other_logits, ranking
+        hard_values, at = _local_topk(top_r[:, :hard_k], hard_k)  # padded when this rank has < K rows
+        hard_pos = top_pos.gather(1, at) if depth else at
+        cand_values = torch.cat([hard_values, easy_values], 1)
+        cand_pos = torch.cat([hard_pos, easy_pos], 1)
+        if memory.shape[0]:
+            cand_s, cand_ids = logits.gather(1, cand_pos), shard.global_ids[cand_pos]
+        else:  # a rank without rows offers only -inf fillers
+            cand_s, cand_ids = cand_values.clone(), cand_pos
+        k_all = cand_values.shape[1]
+        gathered = ranks.gather_candidates(_pack_float(cand_values, cand_ids, cand_s)).view(b_u, ranks.world, 3, k_all)
+        picks = []
+        for k, cols in ((hard_k, slice(0, hard_k)), (easy_k, slice(hard_k, k_all))):
+            k_global = min(k, shard.total_rows)
+            ids, s, mine, pos = _merge_picks(gathered[..., cols], cand_pos[:, cols], k_global, ranks)
+            ok = torch.arange(k_global, device=logits.device)[None, :] < n_other_u[:, None]
+            picks.append((ids, s.to(work), mine, pos, ok))
+        picked_ids, picked, mine, picked_pos, picked_ok = (torch.cat(x, 1) for x in zip(*picks))
+        picked = picked.masked_fill(~picked_ok, -math.inf)
+
+        # Denominator Δ_i = A_i ⊎ N_i ⊎ H_i ⊎ E_i: every non-grey row plus the picks. Each rank sums exp(s − its own
+        # max) over its rows; the (max, sum) pairs of all ranks combine into the global log-sum-exp.
+        logits.masked_fill_(grey, -math.inf)
+        local_max = logits.amax(1) if logits.shape[1] else logits.new_full((b_u,), -math.inf)
+        local_shift = torch.where(torch.isfinite(local_max), local_max, 0.0)
+        e = logits.sub_(local_shift[:, None]).exp_()
+        local_sum = e.sum(1)
+        # Logged only: L_intra of own anchors (A_i is on this rank) and their camera term.
+        a_sum = torch.where(same[own], e[own], 0.0).sum(1)
+        intra_own = local_shift[own] + torch.log(a_sum) - pos_sum / n_pos
+    centroids, present = shard.centroids()
+    with torch.set_grad_enabled(cam_weight != 0 and torch.is_grad_enabled()):
+        cam_own = camera_alignment_loss(features, centroids, present, shard.cameras_present)
+    with torch.no_grad():
+        logged = torch.zeros(b_u, 2, dtype=torch.float64, device=features.device)
+        logged[own, 0], logged[own, 1] = intra_own.double(), cam_own.detach().double()
+        parts = ranks.gather_candidates(_pack_float(local_max, local_sum, logged)).view(b_u, ranks.world, 4)
+        maxes, sums = parts[..., 0].to(work), parts[..., 1].to(work)
+        shift = maxes.amax(1)
+        if picked.shape[1]:
+            shift = torch.maximum(shift, picked.amax(1))
+        z_parts = sums * torch.exp(torch.where(torch.isfinite(maxes), maxes, shift[:, None]) - shift[:, None])
+        picked_e = torch.exp(picked - shift[:, None])
+        z = z_parts.sum(1) + picked_e.sum(1)
+        n_num = n_pos_u + picked_ok.sum(1)
+        num_sum = pos_sum_u + picked.masked_fill(~picked_ok, 0).sum(1)
+        per_anchor = shift + torch.log(z) - num_sum / n_num
+
+        # dL/ds_ij = (w_den_ij·exp s_ij / Z_i − w_num_ij / |Π_i|) / B_u on this rank's rows, weights = multiplicities.
+        inv_z = 1.0 / (b_u * z)
+        inv_num = 1.0 / (b_u * n_num.to(work))
+        grad = e.mul_((torch.exp(local_shift - shift) * inv_z)[:, None])
+        grad.scatter_add_(1, picked_pos, (picked_e * inv_z[:, None] - inv_num[:, None]) * (picked_ok & mine))
+        grad[own].scatter_add_(1, rows_p, torch.where(valid_p, -inv_num[own][:, None], 0.0))
+        value = per_anchor[own].sum() / b_u
+        logged_sum = parts[..., 2:].sum((0, 1)) / b_u
+
+    loss = ThroughLogits.apply(union, value.to(features.dtype), grad, memory, inv_t)
+    if cam_weight != 0:
+        loss = loss + cam_weight * cam_own.sum() / b_u
+    ids = torch.where(picked_ok, picked_ids, -1)[own]
+    n_hard_cols = min(hard_k, shard.total_rows)
+    counts.update(hard=picked_ok[own, :n_hard_cols].sum(1), easy=picked_ok[own, n_hard_cols:].sum(1),
+                  grey=n_grey[own])
+    return {"loss": loss * ranks.world, "intra": logged_sum[0], "inter": per_anchor.mean().double(),
+            "cam": logged_sum[1], "hard_ids": ids[:, :n_hard_cols], "easy_ids": ids[:, n_hard_cols:],
+            "counts": counts, "missing": missing, "per_anchor": per_anchor[own]}
+
+
+# ----------------------------------------------------------------------------------------- entry points
+
+
+def _topks(topk, hard_topk, easy_topk) -> tuple[int, int]:
+    return (topk if hard_topk is None else hard_topk), (topk if easy_topk is None else easy_topk)
 
 
 def _check(features, cams, tracklets, memory, memory_cams, memory_tracklets, temperature, ks, grey_zone):
@@ -87,185 +265,88 @@ def _check(features, cams, tracklets, memory, memory_cams, memory_tracklets, tem
         fail("grey_zone", grey_zone, "in [0, 1)")
 
 
-def _ctacl(features, cams, tracklets, memory, memory_cams, memory_tracklets, *, temperature=0.07, topk=5,
-           grey_zone=0.01, cam_weight=0.2, warmup=False, hard_topk=None, easy_topk=None, centroids=None,
-           with_parts=False):
-    hard_k = topk if hard_topk is None else hard_topk
-    easy_k = topk if easy_topk is None else easy_topk
-    _check(features, cams, tracklets, memory, memory_cams, memory_tracklets, temperature,
-           {"topk": topk, "hard_topk": hard_k, "easy_topk": easy_k}, grey_zone)
-    cams, tracklets = cams.long(), tracklets.long()
-    memory_cams, memory_tracklets = memory_cams.long(), memory_tracklets.long()
-    memory = memory.detach()
-    b, n = features.shape[0], memory.shape[0]
-
-    with torch.no_grad():
-        anchor_index, row_index, n_pos = positive_pairs(cams, tracklets, memory_cams, memory_tracklets)
-        if bool((n_pos == 0).any()):
-            bad = torch.nonzero(n_pos == 0).flatten()[:5].tolist()
-            raise ReidError(f"ctacl_loss: anchors {bad} have no memory row of their own camera and tracklet "
-                            "(P_i is empty), expected each anchor's own row to be in memory")
-        camera_ids, camera_rows = torch.unique(memory_cams, return_counts=True)
-        slot = torch.searchsorted(camera_ids, cams).clamp(max=camera_ids.numel() - 1)
-        n_same = torch.where(camera_ids[slot] == cams, camera_rows[slot], 0)  # |A_i| (≥ |P_i| ≥ 1)
-        n_other = n - n_same
-
-        # s = f·Mᵀ/τ, computed in the memory's precision (a bf16 memory bank stays bf16 in the product).
-        scaled = features.detach().to(memory.dtype) * (1.0 / temperature)
-        if warmup:
-            (logits,) = _scores(memory, scaled)  # s = f·Mᵀ/τ, (B, N)
-        else:
-            # h_i needs s only on the few rows of P_i, so pick it first and get s and r = h·Mᵀ from one
-            # product with M: (2B, D)·(D, N) reads the N×D memory once instead of twice.
-            pair_logits = (scaled[anchor_index] * memory[row_index]).sum(1)
-            hard_rows = hardest_positive_rows(pair_logits, anchor_index, row_index, b)
-            logits, ranking = _scores(memory, scaled, memory[hard_rows])  # (B, N) each
-        pos_logits = logits[anchor_index, row_index]
-        pos_sum = logits.new_zeros(b).index_add_(0, anchor_index, pos_logits)
-        if warmup:
-            terms = _intra_terms(logits, cams, memory_cams, anchor_index, row_index, n_pos, pos_sum)
-        else:
-            terms = _full_terms(logits, ranking, cams, memory_cams, anchor_index, row_index, n_pos, n_other,
-                                pos_sum, hard_k, easy_k, grey_zone, with_parts)
-            del ranking
-        value, grad_logits = terms["per_anchor"].mean(), terms["grad_logits"]
-
-    loss = ThroughLogits.apply(features, value.to(features.dtype), grad_logits, memory, 1.0 / temperature)
-    cam = None
-    if not warmup and (cam_weight != 0 or with_parts):
-        if centroids is None:
-            centroids = camera_centroids(memory, memory_cams)[1]
-        with torch.set_grad_enabled(cam_weight != 0 and torch.is_grad_enabled()):
-            cam = camera_alignment_loss(features, centroids.detach().to(features.dtype)).mean()
-        if cam_weight != 0:
-            loss = loss + cam_weight * cam
-    if not with_parts:
-        return {"loss": loss}
-
-    zero = value.new_zeros(())
-    empty = torch.empty(b, 0, dtype=torch.long, device=features.device)
-    return {
-        "loss": loss,
-        "intra": (value if warmup else terms["intra"]).detach(),
-        "inter": zero if warmup else value.detach(),
-        "cam": zero if cam is None else cam.detach(),
-        "counts": {"positives": n_pos, "same_camera": n_same, "other_camera": n_other,
-                   "hard": terms.get("n_hard", torch.zeros_like(n_pos)),
-                   "easy": terms.get("n_easy", torch.zeros_like(n_pos)),
-                   "grey": terms.get("n_grey", torch.zeros_like(n_pos)),
-                   "cameras": camera_ids.numel()},
-        "hard_ids": terms.get("hard_ids", empty),
-        "easy_ids": terms.get("easy_ids", empty),
-    }
-
-
-def _intra_terms(logits, cams, memory_cams, anchor_index, row_index, n_pos, pos_sum):
-    """Warm-up: ``L_intra(i) = −mean_{p∈P_i} s_ip + log Σ_{k∈A_i} exp s_ik`` and its dL/ds. Consumes logits."""
-    b = logits.shape[0]
-    logits.masked_fill_(cams[:, None] != memory_cams[None, :], -math.inf)  # keep A_i only
-    shift = logits.amax(1)
-    e = logits.sub_(shift[:, None]).exp_()
-    z = e.sum(1)
-    per_anchor = shift + torch.log(z) - pos_sum / n_pos
-    grad = e.mul_((1.0 / (b * z))[:, None])  # softmax over A_i, already divided by B for the mean
-    grad.index_put_((anchor_index, row_index), -(1.0 / (b * n_pos.to(grad.dtype)))[anchor_index], accumulate=True)
-    return {"per_anchor": per_anchor, "grad_logits": grad}
-
-
-def _full_terms(logits, ranking, cams, memory_cams, anchor_index, row_index, n_pos, n_other, pos_sum, hard_k,
-                easy_k, grey_zone, with_parts):
-    """Full mode: ``L_cl(i)`` (multisets Π_i, Δ_i of DESIGN §3) and its dL/ds (B, N).
-
-    logits: s (B, N); ranking: r = h·Mᵀ (B, N). Both buffers are consumed (overwritten).
-    """
-    b, n = logits.shape
-    same_cam = cams[:, None] == memory_cams[None, :]  # A_i, (B, N) bool
-
-    # r over O_i; one sorted top-k serves both H_i (first hard_k) and the grey-zone cut.
-    ranking.masked_fill_(same_cam, -math.inf)
-    n_grey = grey_zone_sizes(n_other, grey_zone)
-    depth = min(max(hard_k, int(n_grey.max())), n)
-    ranked_values, ranked_ids = ranking.topk(depth, dim=1, sorted=True)
-    threshold = grey_zone_thresholds(ranked_values, n_grey)
-    grey = ranking >= threshold[:, None]
-
-    # E_i: top-k of O_i by s. The ranking buffer is free now; reuse it for s restricted to O_i.
-    easy_k = min(easy_k, n)
-    other_logits = torch.where(same_cam, logits.new_tensor(-math.inf), logits, out=ranking) if easy_k else None
-    if easy_k:
-        easy_ids = other_logits.topk(easy_k, dim=1).indices
-    else:
-        easy_ids = torch.empty(b, 0, dtype=torch.long, device=logits.device)
-    hard_ids = ranked_ids[:, :min(hard_k, n)]
-    # Fewer than K other-camera rows: only the first |O_i| picks exist (the rest are -inf fillers).
-    hard_ok = torch.arange(hard_ids.shape[1], device=logits.device)[None, :] < n_other[:, None]
-    easy_ok = torch.arange(easy_k, device=logits.device)[None, :] < n_other[:, None]
-    hard_ids, easy_ids = hard_ids.masked_fill(~hard_ok, 0), easy_ids.masked_fill(~easy_ok, 0)
-    picked_ids = torch.cat([hard_ids, easy_ids], 1)  # (B, K_h + K_e): H_i ⊎ E_i, one column per pick
-    picked_ok = torch.cat([hard_ok, easy_ok], 1)
-    picked = logits.gather(1, picked_ids).masked_fill_(~picked_ok, -math.inf)
-    del other_logits, ranking
-
-    # Denominator Δ_i = A_i ⊎ N_i ⊎ H_i ⊎ E_i; A_i ∪ N_i is every row outside the grey zone.
-    logits.masked_fill_(grey, -math.inf)
-    shift = logits.amax(1)  # finite: A_i is never empty
-    if picked.shape[1]:
-        shift = torch.maximum(shift, picked.amax(1))
-    e = logits.sub_(shift[:, None]).exp_()  # exp(s − shift) on A_i ∪ N_i, 0 on the grey zone
-    base = e.sum(1)
-    picked_e = torch.exp(picked - shift[:, None])  # 0 for missing picks
-    z = base + picked_e.sum(1)
-    n_picked = picked_ok.sum(1)
-    n_num = n_pos + n_picked  # |Π_i|
-    num_sum = pos_sum + picked.masked_fill(~picked_ok, 0).sum(1)
-    per_anchor = shift + torch.log(z) - num_sum / n_num
-
-    out = {"per_anchor": per_anchor}
-    if with_parts:  # L_intra for logging only: same P_i over A_i alone
-        a_sum = torch.where(same_cam, e, 0).sum(1)
-        out["intra"] = (shift + torch.log(a_sum) - pos_sum / n_pos).mean()
-        out.update(hard_ids=torch.where(hard_ok, hard_ids, -1), easy_ids=torch.where(easy_ok, easy_ids, -1),
-                   n_hard=hard_ok.sum(1), n_easy=easy_ok.sum(1), n_grey=n_grey)
-
-    # dL/ds_ij = (w_den_ij·exp s_ij / Z_i − w_num_ij / |Π_i|) / B, weights = multiset multiplicities.
-    inv_z = 1.0 / (b * z)
-    inv_num = 1.0 / (b * n_num.to(e.dtype))
-    grad = e.mul_(inv_z[:, None])
-    grad.scatter_add_(1, picked_ids, (picked_e * inv_z[:, None] - inv_num[:, None]) * picked_ok)
-    grad.index_put_((anchor_index, row_index), -inv_num[anchor_index], accumulate=True)
-    out["grad_logits"] = grad
-    return out
-
-
-def ctacl_loss(features, cams, tracklets, memory, memory_cams, memory_tracklets, *, temperature=0.07, topk=5,
-               grey_zone=0.01, cam_weight=0.2, warmup=False, hard_topk=None, easy_topk=None, centroids=None):
-    """CTACL loss of DESIGN §3, a scalar with gradient w.r.t. ``features`` only.
-
-    features: (B, D) L2-normalised; cams, tracklets: (B,) int64; memory: (N, D) L2-normalised (read, never
-    modified, no gradient); memory_cams, memory_tracklets: (N,) int64. Every anchor's (camera, tracklet) must
-    have a memory row (in training its own row), else ``ReidError``.
-    ``warmup=True``: mean ``L_intra``. Otherwise mean ``L_cl`` + ``cam_weight``·mean ``L_cam``.
-    ``hard_topk``/``easy_topk``: K for H_i / E_i (None → ``topk``; 0 drops that kind of positive);
-    ``grey_zone=0`` drops the grey zone; ``cam_weight=0`` the camera term (ablations).
-    ``centroids``: optional (C, D) normalised camera centroids (e.g. kept by the memory bank); computed
-    from ``memory`` when None. Backward must run before the memory is updated in place.
-    """
-    return _ctacl(features, cams, tracklets, memory, memory_cams, memory_tracklets, temperature=temperature,
-                  topk=topk, grey_zone=grey_zone, cam_weight=cam_weight, warmup=warmup, hard_topk=hard_topk,
-                  easy_topk=easy_topk, centroids=centroids)["loss"]
-
-
 def ctacl_loss_parts(features, cams, tracklets, memory, memory_cams, memory_tracklets, *, temperature=0.07, topk=5,
                      grey_zone=0.01, cam_weight=0.2, warmup=False, hard_topk=None, easy_topk=None, centroids=None):
     """``ctacl_loss`` plus its parts for logging and diagnostics (same arguments).
 
-    Returns ``loss`` (scalar with grad, identical to ``ctacl_loss``); ``intra`` = mean L_intra,
-    ``inter`` = mean L_cl, ``cam`` = mean L_cam (detached 0-dim tensors; ``inter`` and ``cam`` are 0 in
-    warm-up, where they are not computed); ``counts`` = per-anchor (B,) int64 tensors ``positives`` |P_i|,
-    ``same_camera`` |A_i|, ``other_camera`` |O_i|, ``hard`` |H_i|, ``easy`` |E_i|, ``grey`` ⌊ρ|O_i|⌋, and
-    ``cameras`` (int, cameras with memory rows); ``hard_ids``/``easy_ids`` (B, min(K, N)) int64 memory rows
-    of H_i / E_i in rank order, -1 where fewer than K other-camera rows exist ((B, 0) in warm-up).
+    Returns ``loss`` (scalar with grad, identical to ``ctacl_loss``); ``intra`` = mean L_intra, ``inter`` = mean
+    L_cl, ``cam`` = mean L_cam (0-dim float64; ``inter`` and ``cam`` are 0 in warm-up); ``counts`` = per-anchor
+    (B,) int64 ``positives`` |P_i|, ``same_camera`` |A_i|, ``other_camera`` |O_i|, ``hard`` |H_i|, ``easy`` |E_i|,
+    ``grey`` ⌊ρ|O_i|⌋, and ``cameras`` (int, cameras with memory rows); ``hard_ids``/``easy_ids`` (B, min(K, N))
+    memory rows of H_i / E_i in rank order, -1 where fewer than K other-camera rows exist ((B, 0) in warm-up).
     """
-    return _ctacl(features, cams, tracklets, memory, memory_cams, memory_tracklets, temperature=temperature,
-                  topk=topk, grey_zone=grey_zone, cam_weight=cam_weight, warmup=warmup, hard_topk=hard_topk,
-                  easy_topk=easy_topk, centroids=centroids, with_parts=True)
+    hard_k, easy_k = _topks(topk, hard_topk, easy_topk)
+    _check(features, cams, tracklets, memory, memory_cams, memory_tracklets, temperature,
+           {"topk": topk, "hard_topk": hard_k, "easy_topk": easy_k}, grey_zone)
+    # Compact camera and tracklet ids (any integers are allowed here) to 0..C-1 and 0..T-1.
+    camera_ids, memory_slot = torch.unique(memory_cams.long(), return_inverse=True)
+    slot = torch.searchsorted(camera_ids, cams.long()).clamp(max=camera_ids.numel() - 1)
+    anchor_slot = torch.where(camera_ids[slot] == cams, slot, camera_ids.numel())  # unknown camera: no rows
+    tracklet_ids, memory_tracklet = torch.unique(memory_tracklets.long(), return_inverse=True)
+    at = torch.searchsorted(tracklet_ids, tracklets.long()).clamp(max=tracklet_ids.numel() - 1)
+    anchor_tracklet = torch.where(tracklet_ids[at] == tracklets, at, -1)
+    memory = memory.detach()
+    n_cams = camera_ids.numel()
+    present = torch.arange(n_cams + 1, device=memory.device) < n_cams  # slot n_cams: cameras not in memory
+    if centroids is None:
+        def camera_table():
+            return camera_centroids(memory, memory_slot, n_cams + 1)
+    else:
+        table = torch.cat([centroids.detach(), centroids.new_zeros(1, centroids.shape[1])])
+
+        def camera_table():
+            return table, present
+    shard = MemoryShard.build(memory, memory_slot, memory_tracklet, torch.arange(memory.shape[0], device=memory.device),
+                              torch.bincount(memory_slot, minlength=n_cams + 1), camera_table)
+    parts = _loss(features, anchor_slot, anchor_tracklet, shard, ONE_PROCESS, temperature=temperature,
+                  hard_k=hard_k, easy_k=easy_k, grey_zone=grey_zone, cam_weight=cam_weight, warmup=warmup)
+    if bool(parts.pop("missing")):
+        bad = torch.nonzero(parts["counts"]["positives"] == 0).flatten()[:5].tolist()
+        raise ReidError(f"ctacl_loss: anchors {bad} have no memory row of their own camera and tracklet "
+                        "(P_i is empty), expected each anchor's own row to be in memory")
+    parts.pop("per_anchor")
+    return parts
+
+
+def ctacl_loss(features, cams, tracklets, memory, memory_cams, memory_tracklets, *, temperature=0.07, topk=5,
+               grey_zone=0.01, cam_weight=0.2, warmup=False, hard_topk=None, easy_topk=None, centroids=None):
+    """CTACL loss of DESIGN §3 on one process, a scalar with gradient w.r.t. ``features`` only.
+
+    features: (B, D) L2-normalised; cams, tracklets: (B,) int; memory: (N, D) L2-normalised (read, never modified,
+    no gradient); memory_cams, memory_tracklets: (N,) int. Every anchor's (camera, tracklet) must have a memory row
+    (in training its own row), else ``ReidError``. ``warmup=True``: mean ``L_intra``. Otherwise mean ``L_cl`` +
+    ``cam_weight``·mean ``L_cam``. ``hard_topk``/``easy_topk``: K for H_i / E_i (None → ``topk``; 0 drops that kind
+    of positive); ``grey_zone=0`` drops the grey zone; ``cam_weight=0`` the camera term (ablations).
+    ``centroids``: optional (C, D) normalised camera centroids, one per distinct memory camera in sorted order;
+    computed from ``memory`` when None. Backward must run before the memory is updated in place.
+    This is ``sharded_ctacl_loss`` with one rank holding every row: the same code.
+    """
+    return ctacl_loss_parts(features, cams, tracklets, memory, memory_cams, memory_tracklets, temperature=temperature,
+                            topk=topk, grey_zone=grey_zone, cam_weight=cam_weight, warmup=warmup, hard_topk=hard_topk,
+                            easy_topk=easy_topk, centroids=centroids)["loss"]
+
+
+def sharded_ctacl_loss(features, cams, tracklets, row_ids, bank, *, temperature=0.07, topk=5, grey_zone=0.01,
+                       cam_weight=0.2, warmup=False, hard_topk=None, easy_topk=None, check=True) -> dict:
+    """The CTACL loss of the union batch over the whole camera-sharded memory, on every rank (training's loss).
+
+    features: (B_r, D) this rank's anchors, L2-normalised, with grad; cams, tracklets: (B_r,) int64; row_ids: (B_r,)
+    their global memory rows (this rank's); bank: ``reid.memory.MemoryBank``. Returns ``loss`` (backprop it on every
+    rank; scaled for DDP's averaging), ``intra``/``inter``/``cam`` (0-dim float64 union-batch means; inter/cam 0 in
+    warm-up), ``hard_ids``/``easy_ids`` (B_r, K) global rows of the mined positives (-1 where fewer than K exist),
+    ``counts`` (as ``ctacl_loss_parts``) and ``missing`` (0-dim bool tensor). ``check=True`` verifies the rows and
+    positives at once (host synchronisations); training passes False and reads ``missing`` with its one per-step
+    synchronisation instead.
+    """
+    hard_k, easy_k = _topks(topk, hard_topk, easy_topk)
+    if features.dim() != 2 or features.shape[1] != bank.dim:
+        raise ReidError(f"sharded_ctacl_loss: features shape {tuple(features.shape)}, expected (B, {bank.dim})")
+    if check:
+        bank.local_index(row_ids)  # every anchor's row must be this rank's (camera shards)
+    parts = _loss(features, cams.long(), tracklets.long(), bank.shard(), ALL_RANKS, temperature=temperature,
+                  hard_k=hard_k, easy_k=easy_k, grey_zone=grey_zone, cam_weight=cam_weight, warmup=warmup)
+    if check and bool(parts["missing"]):
+        bad = torch.nonzero(parts["counts"]["positives"] == 0).flatten()[:5].tolist()
+        raise ReidError(f"sharded_ctacl_loss: anchors {bad} have no memory row of their own camera and "
+                        "tracklet on this rank, expected each anchor's own row in its rank's shard")
+    return parts

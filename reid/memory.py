@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from reid import dist
 from reid.errors import ReidError
+from reid.loss_terms import MemoryShard
 
 SHARD_PATTERN = "memory_rank{rank:05d}_of{world:05d}.pt"
 
@@ -50,6 +51,7 @@ class MemoryBank:
         if n > 1 and bool((self._sorted_ids[1:] == self._sorted_ids[:-1]).any()):
             raise ReidError("MemoryBank: global_ids contain duplicates, expected one row per id")
         self._camera_rows = None  # global rows per camera, asked of all ranks once
+        self._shard = None  # what the loss reads (reid.loss_terms.MemoryShard), built once
         self._sums = None  # this rank's per-camera row sums (num_cameras, D), kept up to date by update()
         self._work_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # bf16 rows: fp32 math
 
@@ -102,6 +104,15 @@ class MemoryBank:
             local = torch.bincount(self.cams, minlength=self.num_cameras)
             self._camera_rows = dist.sum_across_ranks(local)
         return self._camera_rows
+
+    def shard(self) -> MemoryShard:
+        """This rank's rows as the loss reads them, with the tracklet index and the global camera counts (built on
+        first use: one collective and a few host synchronisations for the bank's life, none per step)."""
+        if self._shard is None:
+            self._shard = MemoryShard.build(self.rows, self.cams, self.tracklets, self.global_ids, self.camera_rows(),
+                                            self.camera_centroids)
+        self._shard.rows = self.rows
+        return self._shard
 
     @torch.no_grad()
     def camera_centroids(self) -> tuple[torch.Tensor, torch.Tensor]:

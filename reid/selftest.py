@@ -20,7 +20,7 @@ from reid.data.sampler import partition_cameras
 from reid.errors import ReidError
 from reid.losses import ctacl_loss
 from reid.memory import MemoryBank
-from reid.sharded_loss import sharded_ctacl_loss
+from reid.losses import sharded_ctacl_loss
 
 
 def _parse(argv):

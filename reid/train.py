@@ -33,7 +33,7 @@ from reid.memory import MemoryBank
 from reid.meters import TrainMeter
 from reid.model import build_model
 from reid.report import embed_for_evaluation, save_evaluation_pictures, score, write_report
-from reid.sharded_loss import sharded_ctacl_loss
+from reid.losses import sharded_ctacl_loss
 
 TRAIN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -96,7 +96,7 @@ def train_one_epoch(model, loader, bank: MemoryBank, optimizer, cfg: Config, env
                 features = model(images)
             parts = sharded_ctacl_loss(
                 features.to(dtype), cams, tracklets, rows, bank, temperature=lc.temperature, topk=lc.topk,
-                grey_zone=lc.grey_zone, cam_weight=lc.cam_weight, warmup=warmup, exact=lc.exact,
+                grey_zone=lc.grey_zone, cam_weight=lc.cam_weight, warmup=warmup,
                 hard_topk=lc.topk if lc.hard_positives else 0, easy_topk=lc.topk if lc.easy_positives else 0)
             optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()

@@ -62,7 +62,7 @@ def _worker(rank: int, world: int, port: int, outdir: str, load_from, save_to):
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from reid import dist
-    from reid.sharded_loss import sharded_ctacl_loss
+    from reid.losses import sharded_ctacl_loss
 
     env = dist.init_distributed("cpu")
     out = {"rank": env.rank, "world": env.world_size}

@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reid.losses import camera_centroids, ctacl_loss, ctacl_loss_parts
-from reid.sharded_loss import _order_keys, grey_zone_cut, radix_select_keys
+from reid.dist import ONE_PROCESS
+from reid.loss_terms import camera_centroids, radix_select
+from reid.losses import ctacl_loss, ctacl_loss_parts
 from tests.dist_workers import LOSS_ARGS, MODES, problem, run_world
 
 WORLDS = (1, 2, 4)
@@ -100,10 +101,10 @@ def test_memory_update_and_camera_centroids_equal_the_single_process_ones(worlds
     memory, cams = updated_memory(ranks)
     for r in ranks:
         assert close(r["bank_rows"], memory[r["bank_ids"]], rel=1e-12)
-    camera_ids, ref = camera_centroids(memory, cams)
+    ref, present = camera_centroids(memory, cams, len(ranks[0]["present"]))
     for r in ranks:
-        assert torch.equal(torch.nonzero(r["present"]).flatten(), camera_ids)  # camera 6 has no rows: skipped
-        assert close(r["centroids"][r["present"]], ref, rel=1e-12)
+        assert torch.equal(r["present"], present) and not present[6]  # camera 6 has no rows: absent
+        assert close(r["centroids"][present], ref[present], rel=1e-12)
 
 
 def test_each_rank_holds_only_its_cameras_rows(worlds):
@@ -142,14 +143,12 @@ def test_radix_selection_finds_the_exact_kth_largest_value(dtype):
     values[3] = values[3].abs().neg()  # all negative
     valid = torch.rand(5, 300, generator=g) < 0.7
     k = torch.tensor([1, 7, 30, 50, int(valid[4].sum())])
-    keys, width = _order_keys(values)
-    cut = radix_select_keys(keys, valid, k, width)
-    expected = [values[i][valid[i]].sort(descending=True).values[k[i] - 1] for i in range(5)]
+    candidates = values.masked_fill(~valid, -float("inf"))  # what the loss passes: -inf where not in O_i
+    cut = radix_select(candidates, k, ONE_PROCESS)
     for i in range(5):
-        assert int(((keys[i] >= cut[i]) & valid[i]).sum()) == int(k[i])
-        assert torch.equal(values[i][(keys[i] == cut[i]) & valid[i]][0], expected[i])
-    thresholds = grey_zone_cut(values, valid, torch.cat([k[:4], torch.tensor([0])]), chunk=2)  # 0: no grey zone
-    assert torch.equal(thresholds[:4], torch.stack(expected[:4])) and thresholds[4] == float("inf")
+        expected = values[i][valid[i]].sort(descending=True).values[k[i] - 1]
+        assert torch.equal(cut[i], expected)
+        assert int((candidates[i] >= cut[i]).sum()) == int(k[i])
 
 
 def test_rows_of_another_rank_are_a_clear_error():

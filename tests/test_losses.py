@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from reid.errors import ReidError
-from reid.losses import (camera_alignment_loss, camera_centroids, ctacl_loss, ctacl_loss_parts, grey_zone_sizes,
-                         log_denominator, positive_pairs)
+from reid.losses import ctacl_loss, ctacl_loss_parts
+from reid.loss_terms import MemoryShard, camera_alignment_loss, camera_centroids, grey_zone_sizes
 
 torch.set_num_threads(1)
 
@@ -191,8 +191,8 @@ def test_camera_without_memory_rows_gets_no_centroid():
     problem["memory_cams"] = torch.where(problem["memory_cams"] == 3, 7, problem["memory_cams"])  # ids with gaps
     problem["cams"] = torch.where(problem["cams"] == 3, 7, problem["cams"])
     assert_matches_reference(problem)
-    camera_ids, centroids = camera_centroids(problem["memory"], problem["memory_cams"])
-    assert camera_ids.tolist() == [0, 1, 7] and centroids.shape == (3, 8)
+    centroids, present = camera_centroids(problem["memory"], problem["memory_cams"], 8)
+    assert torch.nonzero(present).flatten().tolist() == [0, 1, 7] and centroids.shape == (8, 8)
     assert ctacl_loss_parts(**problem)["counts"]["cameras"] == 3
 
 
@@ -243,7 +243,8 @@ def test_updating_the_memory_before_backward_is_refused_not_silently_wrong():
 
 def test_given_centroids_equal_centroids_from_memory():
     problem = make_problem(18)
-    centroids = camera_centroids(problem["memory"], problem["memory_cams"])[1]
+    centroids, present = camera_centroids(problem["memory"], problem["memory_cams"], 4)
+    assert present.all()  # one centroid per distinct memory camera, in sorted order
     assert float(ctacl_loss(**problem, centroids=centroids)) == pytest.approx(float(ctacl_loss(**problem)), rel=1e-12)
 
 
@@ -262,7 +263,11 @@ def test_camera_term_is_kl_from_uniform_without_temperature():
     centroids = F.normalize(torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2)), dim=1)
     p = torch.softmax(features @ centroids.T, 1)
     expected = (0.2 * torch.log(0.2 / p)).sum(1)
-    assert torch.allclose(camera_alignment_loss(features, centroids), expected, rtol=1e-12)
+    everywhere = torch.ones(5, dtype=torch.bool)
+    assert torch.allclose(camera_alignment_loss(features, centroids, everywhere, 5), expected, rtol=1e-12)
+    # An absent camera (no memory rows) takes no part: the same as leaving its row out.
+    padded, some = torch.cat([centroids, torch.zeros(1, 4, dtype=torch.float64)]), torch.arange(6) < 5
+    assert torch.allclose(camera_alignment_loss(features, padded, some, 5), expected, rtol=1e-12)
 
 
 def test_float32_loss_is_close_to_float64():
@@ -281,13 +286,15 @@ def test_bfloat16_memory_bank_is_accepted_and_gives_a_float32_loss():
     assert float(half.detach()) == pytest.approx(float(single), rel=2e-2)
 
 
-def test_helpers_grey_zone_size_and_multiset_denominator():
+def test_helpers_grey_zone_size_and_the_tracklet_index():
     assert grey_zone_sizes(torch.tensor([100, 99, 0, 277797]), 0.29).tolist() == [29, 28, 0, 80561]
-    twice = log_denominator(torch.tensor([0.0]), torch.tensor([[1.0, 1.0, -math.inf]]))
-    assert float(twice) == pytest.approx(math.log(1 + 2 * math.e))
-    anchor_index, row_index, counts = positive_pairs(torch.tensor([1, 0]), torch.tensor([5, 5]),
-                                                     torch.tensor([0, 1, 1, 0]), torch.tensor([5, 5, 5, 4]))
-    assert anchor_index.tolist() == [0, 0, 1] and row_index.tolist() == [1, 2, 0] and counts.tolist() == [2, 1]
+    memory_cams, memory_tracklets = torch.tensor([0, 1, 1, 0]), torch.tensor([5, 5, 5, 4])
+    shard = MemoryShard.build(torch.zeros(4, 2), memory_cams, memory_tracklets, torch.arange(4),
+                              torch.tensor([2, 2]), lambda: None)
+    assert shard.longest_tracklet == 2 and shard.total_rows == 4 and shard.fewest_camera_rows == 2
+    rows, valid, counts = shard.positives(torch.tensor([1, 0, 0]), torch.tensor([5, 5, 9]))
+    assert counts.tolist() == [2, 1, 0]  # (camera 0, tracklet 9) has no row
+    assert sorted(rows[0][valid[0]].tolist()) == [1, 2] and rows[1][valid[1]].tolist() == [0]
 
 
 @pytest.mark.parametrize("change, field", [
