@@ -20,6 +20,7 @@ COMMANDS = {
     "selftest": "check the distributed loss against the single-process loss (run under torchrun)",
     "submit": "submit training to SLURM through submitit",
     "search": "embed a folder or dataset split into a faiss index; query it with images (--json, --picture)",
+    "bench": "throughput benchmarks: step, loss, input, scaling, eval (--quick, --json, --png)",
 }
 
 
@@ -116,9 +117,16 @@ def _cmd_search(argv: list[str]) -> int:
     return main(argv)
 
 
+def _cmd_bench(argv: list[str]) -> int:
+    from reid.bench import main
+
+    return main(argv)
+
+
 HANDLERS = {
     "train": _cmd_train, "evaluate": _cmd_evaluate, "synth": _cmd_synth, "data": _cmd_data,
     "ablate": _cmd_ablate, "selftest": _cmd_selftest, "submit": _cmd_submit, "search": _cmd_search,
+    "bench": _cmd_bench,
 }
 
 
