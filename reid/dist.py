@@ -233,7 +233,7 @@ def _sizes(n: int, device) -> list[int]:
     out = [torch.empty_like(t) for _ in range(world_size())]
     _count(t)
     tdist.all_gather(out, t)
-    return [int(x) for x in out]
+    return torch.cat(out).tolist()  # one host synchronisation, not one per rank
 
 
 def _gather_padded(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:

@@ -58,19 +58,21 @@ class MemoryBank:
     def __len__(self) -> int:
         return self.global_ids.numel()
 
-    def local_index(self, global_ids) -> torch.Tensor:
-        """Positions in ``rows`` of the given global ids (all must be this rank's), (k,) int64."""
+    def local_index(self, global_ids, check: bool = True) -> torch.Tensor:
+        """Positions in ``rows`` of the given global ids (all must be this rank's), (k,) int64. ``check=False`` skips
+        the verification (a host synchronisation) where the caller guarantees it, as the training step does."""
         ids = torch.as_tensor(global_ids, device=self.device).long().reshape(-1)
         if len(self) == 0:
             if ids.numel():
                 raise ReidError(f"MemoryBank: rows {ids[:5].tolist()} asked of a rank that holds no rows")
             return ids
         pos = torch.searchsorted(self._sorted_ids, ids).clamp(max=len(self) - 1)
-        found = self._sorted_ids[pos] == ids
-        if not bool(found.all()):
-            bad = ids[~found][:5].tolist()
-            raise ReidError(f"MemoryBank: global rows {bad} are not held by rank {dist.rank()}, "
-                            "expected only this rank's (its cameras') rows")
+        if check:
+            found = self._sorted_ids[pos] == ids
+            if not bool(found.all()):
+                bad = ids[~found][:5].tolist()
+                raise ReidError(f"MemoryBank: global rows {bad} are not held by rank {dist.rank()}, "
+                                "expected only this rank's (its cameras') rows")
         return self._order[pos]
 
     def fill(self, global_ids, features) -> None:
@@ -84,19 +86,24 @@ class MemoryBank:
         self._sums = None  # recomputed from the rows when next needed
 
     @torch.no_grad()
-    def update(self, global_ids, features) -> None:
+    def update(self, global_ids, features, check: bool = True) -> None:
         """``m ← normalize(½·m + ½·f)`` for this rank's rows (DESIGN §3); after the loss, never before it.
 
         features: (k, D). In-place on ``rows``, so a loss that still needs the old rows for backward
-        fails loudly (autograd's version check) instead of using the new ones.
+        fails loudly (autograd's version check) instead of using the new ones. No host synchronisation with
+        ``check=False`` (see ``local_index``).
         """
-        pos = self.local_index(global_ids)
-        touched = torch.unique(pos)  # a row drawn twice in a batch changes the sums once
-        before = self.rows[touched].to(self._work_dtype) if self._sums is not None else None
+        pos = self.local_index(global_ids, check=check)
+        if self._sums is not None:  # a row drawn twice in a batch changes the running sums once
+            pos_sorted = pos.sort().values
+            first = torch.ones_like(pos_sorted, dtype=torch.bool)
+            first[1:] = pos_sorted[1:] != pos_sorted[:-1]
+            before = self.rows[pos_sorted].to(self._work_dtype)
         mixed = 0.5 * self.rows[pos].to(self._work_dtype) + 0.5 * features.detach().to(self.device, self._work_dtype)
         self.rows[pos] = F.normalize(mixed, dim=1).to(self.dtype)
-        if before is not None:  # running per-camera sums (DESIGN §4): no pass over all rows per step
-            self._sums.index_add_(0, self.cams[touched], self.rows[touched].to(self._work_dtype) - before)
+        if self._sums is not None:  # running per-camera sums (DESIGN §4): no pass over all rows per step
+            change = (self.rows[pos_sorted].to(self._work_dtype) - before) * first[:, None]
+            self._sums.index_add_(0, self.cams[pos_sorted], change)
 
     def camera_rows(self) -> torch.Tensor:
         """(num_cameras,) int64: rows of each camera over all ranks (fixed for the bank's life)."""

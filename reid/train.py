@@ -96,19 +96,23 @@ def train_one_epoch(model, loader, bank: MemoryBank, optimizer, cfg: Config, env
                 features = model(images)
             parts = sharded_ctacl_loss(
                 features.to(dtype), cams, tracklets, rows, bank, temperature=lc.temperature, topk=lc.topk,
-                grey_zone=lc.grey_zone, cam_weight=lc.cam_weight, warmup=warmup,
+                grey_zone=lc.grey_zone, cam_weight=lc.cam_weight, warmup=warmup, check=False,
                 hard_topk=lc.topk if lc.hard_positives else 0, easy_topk=lc.topk if lc.easy_positives else 0)
             optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             minutes = cfg.train.checkpoint_every_min
-            bad, time_due = step_flags(parts["loss"], minutes > 0 and time.time() - last_save >= 60 * minutes)
-            if bool(bad.any()):  # the same answer on every rank, so all stop or all skip together
+            bad, missing, time_due = step_flags(parts["loss"], parts["missing"],
+                                                minutes > 0 and time.time() - last_save >= 60 * minutes)
+            if missing:
+                raise ReidError(f"epoch {epoch} step {step}: anchors on rank(s) {missing} have no memory row of "
+                                "their own camera and tracklet, expected each anchor's own row in its rank's shard")
+            if bad:  # the same answer on every rank, so all stop or all skip together
                 if not cfg.train.skip_nonfinite:
                     raise ReidError(nonfinite_message(cfg, epoch, step, bad, parts))
                 meter.skipped += 1  # no optimizer step, no memory update: the step never happened
                 continue
             optimizer.step()
-            bank.update(rows, features.detach().to(dtype))  # after the loss, never before it (DESIGN §3)
+            bank.update(rows, features.detach().to(dtype), check=False)  # after the loss, never before it (DESIGN §3)
             total = parts["intra"] if warmup else parts["inter"] + lc.cam_weight * parts["cam"]
             shown = meter.update(step, parts, total, rows, warmup)
             if shown is not None:
@@ -123,18 +127,21 @@ def train_one_epoch(model, loader, bank: MemoryBank, optimizer, cfg: Config, env
     return meter.summary()
 
 
-def step_flags(loss: torch.Tensor, save_due: bool) -> tuple[torch.Tensor, bool]:
-    """One small all-reduce per step, the same answer on every rank: which ranks' loss is NaN or infinite ((R,)
-    bool), and whether rank 0's clock says a mid-epoch checkpoint is due."""
-    flags = torch.zeros(dist.world_size() + 1, device=loss.device)
-    flags[dist.rank()] = (~torch.isfinite(loss.detach())).float()
+def step_flags(loss: torch.Tensor, missing: torch.Tensor, save_due: bool) -> tuple[list[int], list[int], bool]:
+    """The step's one host synchronisation: one small all-reduce, the same answer on every rank. Returns the ranks
+    whose loss is NaN or infinite, the ranks with an anchor that has no memory row of its own tracklet (``missing``:
+    0-dim bool from the loss), and whether rank 0's clock says a mid-epoch checkpoint is due."""
+    world, rank = dist.world_size(), dist.rank()
+    flags = torch.zeros(2 * world + 1, device=loss.device)
+    flags[rank] = (~torch.isfinite(loss.detach())).float()
+    flags[world + rank] = missing.float()
     flags[-1] = float(save_due and dist.is_main())
-    flags = dist.sum_across_ranks(flags).tolist()  # the step's one host synchronisation
-    return torch.tensor(flags[:-1]) > 0, flags[-1] > 0
+    flags = dist.sum_across_ranks(flags).tolist()
+    return ([r for r in range(world) if flags[r] > 0], [r for r in range(world) if flags[world + r] > 0],
+            flags[-1] > 0)
 
 
-def nonfinite_message(cfg: Config, epoch: int, step: int, bad: torch.Tensor, parts: dict) -> str:
-    ranks = torch.nonzero(bad).flatten().tolist()
+def nonfinite_message(cfg: Config, epoch: int, step: int, ranks: list[int], parts: dict) -> str:
     values = ", ".join(f"{k} {float(parts[k]):.4g}" for k in ("intra", "inter", "cam"))
     return (f"non-finite loss at epoch {epoch} step {step} on rank(s) {ranks} ({values}; this rank's loss "
             f"{float(parts['loss'].detach()):.4g}): training stopped; the last complete checkpoint in "
