@@ -63,6 +63,7 @@ def _worker(rank: int, world: int, port: int, outdir: str, load_from, save_to):
     torch.set_num_threads(1)
     from reid import dist
     from reid.losses import sharded_ctacl_loss
+    from reid.syncs import count_host_syncs
 
     env = dist.init_distributed("cpu")
     out = {"rank": env.rank, "world": env.world_size}
@@ -111,11 +112,16 @@ def _worker(rank: int, world: int, port: int, outdir: str, load_from, save_to):
         bank_n = _bank(own_n, memory_n, cams_n, tracklets_n)
         rows_n = anchor_rows(own_n, rank, world)
         bank_n.camera_rows()  # once per bank's life, not per step
+        bank_n.shard()
         dist.reset_comm_bytes()
         f = features_n[rows_n].clone().requires_grad_()
-        sharded_ctacl_loss(f, cams_n[rows_n], tracklets_n[rows_n], rows_n, bank_n,
-                           **{**LOSS_ARGS, "grey_zone": 0.05})["loss"].backward()
+        with count_host_syncs() as syncs:  # the training step's loss, backward and memory update
+            sharded_ctacl_loss(f, cams_n[rows_n], tracklets_n[rows_n], rows_n, bank_n, check=False,
+                               **{**LOSS_ARGS, "grey_zone": 0.05})["loss"].backward()
+            bank_n.update(rows_n, f.detach(), check=False)
         out["comm_bytes"][n] = dist.COMM_BYTES["bytes"]
+        out.setdefault("collectives", {})[n] = dist.COMM_BYTES["calls"]
+        out.setdefault("host_syncs", {})[n] = dict(syncs.calls)
     torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy()

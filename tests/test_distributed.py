@@ -136,6 +136,18 @@ def test_bytes_communicated_per_step_do_not_grow_with_the_memory(worlds, world):
             assert r["comm_bytes"][small] == 0  # one process: no collectives at all
 
 
+@pytest.mark.parametrize("world", (2, 4))
+def test_collectives_and_host_syncs_per_step_do_not_grow_with_the_memory(worlds, world):
+    for r in worlds[world]:
+        small, large = sorted(r["collectives"])
+        # 2 gathers (anchors + their sizes) and 1 of the packed hard rows, 8 radix rounds (float64 here; 4 in
+        # float32), 1 candidate gather, 1 log-sum-exp gather, 1 centroid sum, 1 reduce-scatter in backward
+        assert r["collectives"][small] == r["collectives"][large] == 15
+        for n in (small, large):  # only the union's sizes reach the host
+            calls = r["host_syncs"][n]
+            assert sum(calls.values()) == 1 and all(k.startswith("tolist at reid/dist.py") for k in calls), calls
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
 def test_radix_selection_finds_the_exact_kth_largest_value(dtype):
     g = torch.Generator().manual_seed(3)
