@@ -38,7 +38,10 @@ MID_EPOCH_BREAKING = ("train.batch_size", "train.steps_per_epoch", "seed")  # th
 
 
 def unwrap(model):
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    """The plain model inside DDP and/or torch.compile wrappers."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+    model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    return getattr(model, "_orig_mod", model)
 
 
 def checkpoint_bytes(model, optimizer_slots: int, memory_rows: int, memory_dim: int, memory_bytes: int) -> int:

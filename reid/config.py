@@ -92,7 +92,13 @@ class TrainConfig:
     weight_decay: float = 5e-4
     lr_step: int = 10              # ×lr_gamma every lr_step epochs
     lr_gamma: float = 0.1
-    amp: bool = False              # bf16 autocast on CUDA
+    amp: bool = True               # bf16 autocast on CUDA (no effect on CPU or with dtype float64)
+    # The GPU fast path; "auto" = on CUDA only. Each is also usable (and tested) on the CPU.
+    channels_last: str = "auto"    # NHWC images and weights (auto | true | false)
+    fused_optimizer: str = "auto"  # fused SGD kernels (auto | true | false); off = torch's foreach SGD
+    cudnn_benchmark: bool = True   # let cuDNN pick the fastest convolutions (CUDA; not bit-reproducible)
+    compile: bool = False          # torch.compile the model (not the loss: its collectives stay eager)
+    compile_backend: str = "inductor"
     dtype: str = "float32"         # float64: slow, for exactness checks (README "Same model at any world size")
     resume: bool = True            # resume from output_dir's checkpoint when one exists
     skip_nonfinite: bool = False   # a NaN/Inf loss: False = stop naming step and part, True = skip the step
@@ -137,6 +143,8 @@ _CHOICES = {
     "train.dtype": ("float32", "float64"),
     "eval.level": ("auto", "image", "tracklet"),
     "data.decode": ("cpu", "gpu"),
+    "train.channels_last": ("auto", "true", "false"),
+    "train.fused_optimizer": ("auto", "true", "false"),
 }
 LEGACY_KEYS = ("model.sync_bn", "loss.exact")  # in configs saved by older versions (checkpoints); ignored when read back
 
@@ -168,6 +176,8 @@ def _convert(key: str, value, typ):
     if typ is str:
         if isinstance(value, (dict, list)):
             raise ReidError(f"config key '{key}': got {value!r}, expected a string")
+        if isinstance(value, bool):  # YAML reads a bare true/false as a bool; the choice keys spell it as a word
+            return "true" if value else "false"
         return "" if value is None else str(value)
     raise ReidError(f"config key '{key}': unsupported type {typ}")
 
@@ -214,9 +224,6 @@ def validate(cfg: Config) -> Config:
     if cfg.data.protocol == "all" and cfg.data.format != "veriwild":
         raise ReidError(f"config key 'data.protocol': all given for data.format={cfg.data.format}, expected "
                         "data.format=veriwild (the three VeRi-Wild protocols) or small / medium / large")
-    if cfg.train.dtype == "float64" and cfg.train.amp:
-        raise ReidError("config keys 'train.dtype' / 'train.amp': float64 with bf16 autocast given, "
-                        "expected train.amp=false with train.dtype=float64")
     positive = ["train.epochs", "train.batch_size", "train.keep_checkpoints", "data.height", "data.width", "memory.refresh_every",
                 "eval.batch_size", "loss.temperature"]
     for key in positive:

@@ -25,7 +25,8 @@ def make_loader(dataset, batch_size: int | None, workers: int, **kwargs) -> Data
     """A DataLoader with single-threaded workers; ``batch_size=None`` when a ``batch_sampler`` is given."""
     if batch_size is not None:
         kwargs["batch_size"] = batch_size
-    return DataLoader(dataset, num_workers=workers, worker_init_fn=_worker_init, persistent_workers=False, **kwargs)
+    kwargs.setdefault("persistent_workers", False)
+    return DataLoader(dataset, num_workers=workers, worker_init_fn=_worker_init, **kwargs)
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from reid import dist
 from reid.batchnorm import convert_batchnorm, merge_running_stats
 from reid.checkpoint import check_output_dir, checkpoint_bytes, load_for_resume, save_checkpoint, unwrap
 from reid.config import Config, config_from_dict, save_config
+from reid.data.gpu_decode import make_gpu_pipeline
 from reid.data.images import TrainBatch, TrainImages, eval_transform, train_transform
 from reid.data.readers import load_dataset
 from reid.data.sampler import GlobalBatchSampler, partition_cameras, shard_imbalance
@@ -43,6 +44,16 @@ def memory_dtype(cfg: Config) -> torch.dtype:
     if cfg.train.dtype == "float64":
         return torch.float64
     return torch.bfloat16 if cfg.memory.dtype == "bfloat16" else torch.float32
+
+
+def fast_path(cfg: Config, env) -> dict:
+    """The GPU fast-path switches as decided for this device ("auto" = on CUDA only): channels_last, fused SGD."""
+    cuda = env.device.type == "cuda"
+
+    def on(value: str) -> bool:
+        return cuda if value == "auto" else value == "true"
+
+    return {"channels_last": on(cfg.train.channels_last), "fused_optimizer": on(cfg.train.fused_optimizer)}
 
 
 def log(*args) -> None:
@@ -78,19 +89,24 @@ def fill_memory(model, bank: MemoryBank, train, cfg: Config, env) -> None:
 
 
 def train_one_epoch(model, loader, bank: MemoryBank, optimizer, cfg: Config, env, epoch: int, warmup: bool,
-                    meter: TrainMeter, start_step: int = 0, save_step=None) -> dict:
+                    meter: TrainMeter, start_step: int = 0, save_step=None, augment=None) -> dict:
     """One pass over the epoch's global batches (from ``start_step`` when resuming mid-epoch); this rank loads and
     embeds its cameras' part of each. ``save_step(step=, meter_state=)`` writes a mid-epoch checkpoint when one is
-    due (train.checkpoint_every_steps / _min)."""
+    due (train.checkpoint_every_steps / _min). ``augment``: with ``data.decode=gpu`` the loader gives file bytes and
+    this turns them into the batch on the device (reid.data.gpu_decode)."""
     model.train()
     lc = cfg.loss
     dtype = TRAIN_DTYPES[cfg.train.dtype]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.amp and env.device.type == "cuda")
+    amp = cfg.train.amp and env.device.type == "cuda" and dtype == torch.float32
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp)
+    layout = torch.channels_last if fast_path(cfg, env)["channels_last"] else torch.contiguous_format
     last_save, end = time.time(), start_step + len(loader)
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not dist.is_main(), leave=False)
     try:
         for step, (images, cams, tracklets, rows) in enumerate(bar, start=start_step):
-            images = images.to(env.device, dtype, non_blocking=True)
+            if augment is not None:
+                images = augment(images)
+            images = images.to(env.device, dtype, non_blocking=True).contiguous(memory_format=layout)
             cams, tracklets, rows = (t.to(env.device, non_blocking=True) for t in (cams, tracklets, rows))
             with autocast:
                 features = model(images)
@@ -228,7 +244,12 @@ def _run(cfg: Config, env) -> dict:
                             f"batch {cfg.train.batch_size}, expected at least 2 per rank for per-rank BatchNorm "
                             "(raise train.batch_size or use model.batchnorm=all_cameras)")
 
+    fast = fast_path(cfg, env)
+    if env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     model = build_model(cfg.model).to(env.device, TRAIN_DTYPES[cfg.train.dtype])
+    if fast["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
     if env.world_size > 1:
         if cfg.model.batchnorm == "all_cameras":  # the union batch's statistics, identical on every rank
             model = convert_batchnorm(model)
@@ -238,7 +259,9 @@ def _run(cfg: Config, env) -> dict:
                       dtype=memory_dtype(cfg))
     optimizer = torch.optim.SGD(unwrap(model).parameter_groups(cfg.train.lr, cfg.train.backbone_lr),
                                 lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay,
-                                nesterov=True)
+                                nesterov=True, **({"fused": True} if fast["fused_optimizer"] else {"foreach": True}))
+    # The loss and its collectives stay eager; only the network is compiled. Checkpoints hold the plain model.
+    step_model = torch.compile(model, backend=cfg.train.compile_backend) if cfg.train.compile else model
 
     # Before any training: a folder that cannot take one checkpoint is a one-line error, not a lost run.
     check_output_dir(cfg.output_dir, checkpoint_bytes(unwrap(model), 1, len(train), bank.dim,
@@ -249,12 +272,19 @@ def _run(cfg: Config, env) -> dict:
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     writer = SummaryWriter(os.path.join(cfg.output_dir, "tb")) if dist.is_main() else None
 
-    dataset_images = TrainImages(records.paths, records.cams, records.tracklets,
-                                 train_transform(cfg.data.height, cfg.data.width, **vars(cfg.augment)),
-                                 skip_corrupt=cfg.data.skip_corrupt)
-    loader = make_loader(dataset_images, None, cfg.data.workers, batch_sampler=sampler,
-                         collate_fn=TrainBatch(cfg.data.height, cfg.data.width),
-                         pin_memory=env.device.type == "cuda")
+    if cfg.data.decode == "gpu":  # workers read file bytes; the training device decodes and augments
+        dataset_images, collate, augment = make_gpu_pipeline(cfg, records.paths, records.cams, records.tracklets,
+                                                             env.device)
+    else:
+        dataset_images = TrainImages(records.paths, records.cams, records.tracklets,
+                                     train_transform(cfg.data.height, cfg.data.width, **vars(cfg.augment)),
+                                     skip_corrupt=cfg.data.skip_corrupt)
+        collate, augment = TrainBatch(cfg.data.height, cfg.data.width), None
+    # Workers persist over epochs and keep batches prefetched; the batch sampler runs here, so epochs still differ.
+    loader = make_loader(dataset_images, None, cfg.data.workers, batch_sampler=sampler, collate_fn=collate,
+                         pin_memory=env.device.type == "cuda" and augment is None,
+                         persistent_workers=cfg.data.workers > 0,
+                         **({"prefetch_factor": 4} if cfg.data.workers > 0 else {}))
     labelled = cfg.eval.diagnostics and (train.pids >= 0).all()
 
     if start_epoch == 0 and "untrained" not in metrics:
@@ -276,8 +306,8 @@ def _run(cfg: Config, env) -> dict:
         if mid_epoch and resume.meters:
             meter.restore(resume.meters, env.rank, env.world_size)
         save_step = functools.partial(save_checkpoint, cfg, model, optimizer, bank, epoch, metrics)
-        stats = train_one_epoch(model, loader, bank, optimizer, cfg, env, epoch, warmup, meter,
-                                resume.step if mid_epoch else 0, save_step)
+        stats = train_one_epoch(step_model, loader, bank, optimizer, cfg, env, epoch, warmup, meter,
+                                resume.step if mid_epoch else 0, save_step, augment)
         same_batchnorm_statistics(model, cfg, env, len(own))
         metrics.setdefault("epochs", []).append({"epoch": epoch, "warmup": warmup, **stats})
         if dist.is_main():
