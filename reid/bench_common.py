@@ -7,11 +7,9 @@ second N × D copy is ever made, and a rank can generate only its own rows (``re
 
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import time
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +17,7 @@ import torch.nn.functional as F
 from reid.memory import MemoryBank
 
 __all__ = ["SIZES", "LOSS_KW", "memory_layout", "make_bank", "dataset_bank", "draw_batch",
-           "timed", "median", "peak_extra_bytes", "host_sync_counter", "read_sync_count", "cpu_model", "usable_cores"]
+           "timed", "median", "peak_extra_bytes", "cpu_model", "usable_cores"]
 
 # Training-set rows and cameras of the real datasets (VeRi-Wild: the 174-camera training split).
 SIZES = {"veri776": (37_778, 20), "veriwild": (277_797, 174)}
@@ -108,44 +106,6 @@ def peak_extra_bytes(fn, device: torch.device):
         return fn(), None
     out = fn()
     return out, 1024 * (_status_kib("VmHWM") - before)
-
-
-class _SyncCount:
-    count: int | None = None
-
-
-@contextlib.contextmanager
-def _cuda_sync_warnings(device: torch.device):
-    """Counts the host synchronisations torch reports in "warn" sync-debug mode (one warning each)."""
-    counter = _SyncCount()
-    previous = torch.cuda.get_sync_debug_mode()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            yield counter
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
-    counter.count = sum("synchroniz" in str(w.message) for w in caught)
-
-
-def host_sync_counter(device: torch.device):
-    """``(method, context manager yielding an object whose .count holds the syncs after the block)``, or
-    ``(why not, None)``: ``reid.syncs.count_host_syncs`` where it exists (CUDA: torch's sync debug mode; CPU: the
-    calls that would wait on a GPU), else torch's sync debug mode on CUDA, else no count."""
-    try:
-        from reid.syncs import count_host_syncs
-    except ImportError:
-        if device.type == "cuda":
-            return "torch.cuda.set_sync_debug_mode('warn')", _cuda_sync_warnings(device)
-        return "not counted on CPU (no reid.syncs.count_host_syncs)", None
-    return "reid.syncs.count_host_syncs", count_host_syncs(device)
-
-
-def read_sync_count(counter) -> tuple[int | None, dict]:
-    """``(count, {operation: count})`` a host-sync counter holds after its block (None and {} if it does not say)."""
-    value = getattr(counter, "count", None)
-    return (None if value is None else int(value)), dict(getattr(counter, "calls", {}))
 
 
 def cpu_model() -> str:

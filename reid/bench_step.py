@@ -16,19 +16,23 @@ import contextlib
 import torch
 
 from reid import dist
-from reid.bench_common import (LOSS_KW, dataset_bank, draw_batch, host_sync_counter, median, read_sync_count,
-                               timed)
+from reid.bench_common import LOSS_KW, dataset_bank, draw_batch, median, timed
 from reid.losses import sharded_ctacl_loss
 from reid.model import ReidNet
+from reid.syncs import count_host_syncs
+from reid.train import step_flags
 
 
 def build_model(arch: str, device: torch.device):
-    """ResNet (last stride 1) → BNNeck embedding, with training's SGD; channels_last on CUDA."""
+    """ResNet (last stride 1) → BNNeck embedding, with training's SGD; on CUDA training's fast path: channels_last,
+    fused SGD, cuDNN's autotuner."""
     model = ReidNet(arch, last_stride=1).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameter_groups(1e-3, 1e-4), lr=1e-3, momentum=0.9, weight_decay=5e-4,
-                                nesterov=True)
+                                nesterov=True, **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # training's fast path (train.cudnn_benchmark)
     return model, optimizer
 
 
@@ -55,11 +59,12 @@ def backbone_step(model, optimizer, images, device) -> None:
 def full_step(model, optimizer, images, bank, rows, cams, tracklets, device) -> None:
     with autocast_for(device):
         features = model(images)
-    out = sharded_ctacl_loss(features.float(), cams, tracklets, rows, bank, **LOSS_KW)
+    out = sharded_ctacl_loss(features.float(), cams, tracklets, rows, bank, check=False, **LOSS_KW)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
+    step_flags(out["loss"], out["missing"], False)  # training's one per-step flag exchange and host sync
     optimizer.step()
-    bank.update(rows, features.detach().float())  # after the loss, never before it (DESIGN §3)
+    bank.update(rows, features.detach().float(), check=False)  # after the loss, never before it (DESIGN §3)
 
 
 def run_size(name: str, s, model, optimizer, device) -> dict:
@@ -74,12 +79,10 @@ def run_size(name: str, s, model, optimizer, device) -> dict:
     dist.reset_comm_bytes()
     full()
     comm = dict(dist.COMM_BYTES)
-    method, counter = host_sync_counter(device)
-    syncs, sync_calls = None, {}
-    if counter is not None:
-        with counter as got:
-            full()
-        syncs, sync_calls = read_sync_count(got)
+    method = "torch.cuda.set_sync_debug_mode('warn')" if device.type == "cuda" else "reid.syncs proxy (CPU)"
+    with count_host_syncs(device) as got:
+        full()
+    syncs, sync_calls = got.count, dict(got.calls)
     backbones, fulls = [], []
     for _ in range(s.reps):
         backbones.append(timed(backbone, device)[0])
