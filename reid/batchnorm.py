@@ -44,7 +44,9 @@ def union_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     if n:
         dims = [0] + list(range(2, x.dim()))
         var, mean = torch.var_mean(x.detach().to(_acc_dtype(x)), dim=dims, correction=0)
-        table[dist.rank()] = torch.cat([mean.new_tensor([n]), mean, var * n]).double()
+        row = table[dist.rank()]
+        row[0] = n  # a fill with a Python number: unlike new_tensor([n]) on CUDA, no copy from the host
+        row[1:] = torch.cat([mean, var * n]).double()
     table = dist.sum_across_ranks(table)
     counts, means, m2 = table[:, :1], table[:, 1:1 + c], table[:, 1 + c:]
     count = counts.sum()

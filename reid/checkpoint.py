@@ -225,7 +225,10 @@ def load_for_resume(cfg: Config, model, optimizer, bank: MemoryBank, log) -> Res
     if harmless:
         log(f"resuming with a changed config: {'; '.join(harmless)}")
     unwrap(model).load_state_dict(ckpt["model"])
+    kernels = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
     optimizer.load_state_dict(ckpt["optimizer"])
+    for group, chosen in zip(optimizer.param_groups, kernels):  # the saved groups' kernel choice is not this run's
+        group.update(chosen)
     bank.load(memory_dir or os.path.join(cfg.output_dir, ckpt["memory_dir"]), names)
     own_buffers = ckpt.get("rank_buffers")
     if own_buffers and len(own_buffers) == dist.world_size():  # per-rank BatchNorm, saved mid-epoch

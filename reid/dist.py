@@ -229,7 +229,7 @@ def max_across_ranks(t: torch.Tensor) -> torch.Tensor:
 
 
 def _sizes(n: int, device) -> list[int]:
-    t = torch.tensor([n], dtype=torch.long, device=device)
+    t = torch.full((1,), n, dtype=torch.long, device=device)  # a fill, not a copy from the host
     out = [torch.empty_like(t) for _ in range(world_size())]
     _count(t)
     tdist.all_gather(out, t)
@@ -277,7 +277,7 @@ def _sum_own_slice(t: torch.Tensor, sizes: list[int], me: int) -> torch.Tensor:
             padded[r * top: r * top + n] = t[begin: begin + n]
         out = t.new_empty((top,) + tuple(t.shape[1:]))
         try:
-            tdist.reduce_scatter_tensor(out, padded)
+            (getattr(tdist, "reduce_scatter_single", None) or tdist.reduce_scatter_tensor)(out, padded)
             _count(padded)
             return out[: sizes[me]]
         except (RuntimeError, NotImplementedError):  # raised before any traffic, on every rank alike

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from reid.dist import Ranks
+from reid.errors import ReidError
 
 # ----------------------------------------------------------------------------------------- the memory shard
 
@@ -45,6 +46,8 @@ class MemoryShard:
 
     @classmethod
     def build(cls, rows, cams, tracklets, global_ids, camera_rows, centroids) -> "MemoryShard":
+        if tracklets.numel() and int(tracklets.min()) < 0:
+            raise ReidError(f"memory tracklet ids: {int(tracklets.min())} given, expected ids >= 0")
         shard = cls(rows, cams.long(), tracklets.long(), global_ids.long(), camera_rows.long(), centroids)
         counts = shard.camera_rows.tolist()
         shard.total_rows = int(sum(counts))
@@ -111,12 +114,12 @@ def grey_zone_sizes(n_other, grey_zone: float):
 
 
 def _order_keys(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Integer keys with the same order as the floats x (int64 tensor) and their bit width (32 or 64)."""
+    """Integer keys with the same order as the floats x (int64 for float64, else int32) and their bit width."""
     if x.dtype == torch.float64:
         bits, width = x.view(torch.int64), 64
         return torch.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits), width
     bits = x.float().contiguous().view(torch.int32)
-    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long(), 32
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits), 32
 
 
 def _from_order_keys(keys: torch.Tensor, width: int) -> torch.Tensor:
@@ -134,14 +137,14 @@ def radix_select(values: torch.Tensor, k: torch.Tensor, ranks: Ranks) -> torch.T
     whatever N is), and the bin holding the k-th largest fixes the next byte. Returns (B,) in values' dtype.
     """
     keys, width = _order_keys(values)
-    pattern = keys + (1 << 31) if width == 32 else keys ^ (-(1 << 63))  # unsigned order, top byte first
+    pattern = keys ^ -(1 << (width - 1))  # flipping the sign bit: unsigned order, top byte first
     b = values.shape[0]
     prefix = torch.zeros(b, dtype=torch.long, device=values.device)
     remaining = k.clone()
     match = torch.ones_like(pattern, dtype=torch.bool)
     ones = torch.ones(1, 1, dtype=torch.int32, device=values.device).expand_as(pattern)
     for shift in range(width - 8, -1, -8):
-        digit = (pattern >> shift) & 255
+        digit = ((pattern >> shift) & 255).long()
         hist = torch.zeros(b, 257, dtype=torch.int32, device=values.device)
         hist.scatter_add_(1, torch.where(match, digit, 256), ones)  # non-matching candidates land in bin 256
         hist = ranks.sum(hist[:, :256]).long().flip(1)  # bins from the largest digit down
@@ -196,5 +199,10 @@ class ThroughLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_logits, memory = ctx.saved_tensors
-        grad = (grad_logits.to(memory.dtype) @ memory).to(ctx.features_dtype)
-        return grad.mul_(grad_out * ctx.inv_temperature), None, None, None, None
+        if memory.dtype == grad_logits.dtype:
+            grad = grad_logits @ memory
+        else:  # a bf16 memory: widened block by block, so dL/ds keeps fp32 precision in the product
+            grad = grad_logits.new_zeros(grad_logits.shape[0], memory.shape[1])
+            for start in range(0, memory.shape[0], 8192):
+                grad += grad_logits[:, start:start + 8192] @ memory[start:start + 8192].to(grad_logits.dtype)
+        return grad.to(ctx.features_dtype).mul_(grad_out * ctx.inv_temperature), None, None, None, None

@@ -11,12 +11,15 @@ up to 3 in the denominator ("an entry chosen twice counts twice").
 Each rank holds the rows of its cameras and draws anchors from them, so ``A_i``, ``P_i`` and ``h_i`` live on the
 anchor's own rank; only ``O_i`` spans ranks. One full-mode step (B_u union anchors, N_r rows on this rank):
 
-1. own anchors: ``P_i`` from the shard's tracklet index, ``s`` on those pairs, ``h_i``; the anchors (with
-   gradient) and a packed (h_i, camera, |P_i|, Σ_P s) row per anchor are gathered: two gathers;
+1. own anchors: ``P_i`` from the shard's tracklet index, ``s`` on those pairs, ``h_i``; the ranks' batch sizes,
+   the anchors (with gradient) and a packed (h_i, camera, |P_i|, Σ_P s) row per anchor are gathered: three
+   collectives, and the sizes are the step's one host synchronisation in the loss;
 2. ``s`` and ``r`` of the union batch against this rank's rows from one (N_r, D)·(D, 2B_u) product;
-3. one sorted top-k of ``r`` over ``O_i`` gives this rank's hard-positive candidates and its grey-zone
-   candidates; the grey-zone cut (the ⌊ρ|O_i|⌋-th largest ``r`` over all ranks) is found exactly by radix
-   selection over those candidates: 4 (fp32) or 8 (fp64) all-reduces of (B_u, 256) counts;
+3. one top-k of ``r`` over ``O_i`` (depth: the largest grey zone any anchor can have) holds this rank's part of
+   the grey zone and its hard-positive candidates (with a wide grey zone every row is a candidate instead);
+   the grey-zone cut (the ⌊ρ|O_i|⌋-th largest ``r`` over all ranks) is found exactly by radix selection over
+   those candidates: 4 (fp32) or 8 (fp64) all-reduces of (B_u, 256) counts. Rows tied with the cut all fall in
+   the grey zone (DESIGN §3 leaves ties open; with continuous features they do not occur);
 4. top-K of ``s`` over ``O_i``; the local hard and easy candidates (value, global id, ``s``) are gathered in one
    collective and merged into the global ``H_i`` and ``E_i``;
 5. per rank, over its non-grey rows: max and Σexp of ``s`` (plus the logged ``L_intra`` and ``L_cam`` of its
@@ -24,7 +27,8 @@ anchor's own rank; only ``O_i`` spans ranks. One full-mode step (B_u union ancho
 6. a small autograd Function hands ``dL/ds · M_r/τ`` to the union anchors; the gather's backward sums these
    over ranks into each anchor's owner.
 Collectives per step do not depend on N or on the number of cameras; bytes are O(B·(D + K·R)). No host
-synchronisation beyond the union's sizes. Extra memory: two (B_u, N_r) float buffers and two bool ones.
+synchronisation beyond the union's sizes (``reid.syncs``). Extra memory: two (B_u, N_r) float buffers, two bool
+ones, and the radix selection's (B_u, depth) integer temporaries (depth ≤ N_r).
 
 Scaling: rank r returns ``loss_r = R · (Σ_{i own} ℓ_i + λ Σ_{i own} L_cam(i)) / B_u``. Summed over ranks these
 give R · ∇(union-batch mean loss); DDP averages gradients over R, so the model sees exactly the gradient of
@@ -62,9 +66,10 @@ def _scores(memory: torch.Tensor, *xs: torch.Tensor, rows_per_block: int = 8192)
     return list(out.split([t.shape[0] for t in xs]))
 
 
-def _pack_float(*columns: torch.Tensor) -> torch.Tensor:
-    """Side-by-side float64 columns (exact for fp32 values and for ids below 2^53): one collective, not several."""
-    return torch.cat([c.to(torch.float64)[:, None] if c.dim() == 1 else c.to(torch.float64) for c in columns], 1)
+def _pack_float(*columns: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+    """Side-by-side float columns: one collective, not several. float64 is exact for fp32 values and for ids below
+    2^53; fp32 for ids and counts below 2^24."""
+    return torch.cat([c.to(dtype)[:, None] if c.dim() == 1 else c.to(dtype) for c in columns], 1)
 
 
 def _local_topk(scores: torch.Tensor, k: int, sorted: bool = True):
@@ -90,7 +95,7 @@ def _warmup(features, cams, rows, valid, n_pos, pos_sum, shard: MemoryShard, ran
         e = logits.sub_(shift[:, None]).exp_()
         z = e.sum(1)
         per_anchor = shift + torch.log(z) - pos_sum / n_pos
-        total = ranks.sum(torch.stack([per_anchor.new_tensor(float(b)), per_anchor.sum()]).double())
+        total = ranks.sum(torch.stack([per_anchor.new_full((), b), per_anchor.sum()]).double())
         b_u = total[0].to(e.dtype)
         grad = e.mul_((1.0 / (b_u * z))[:, None])  # softmax over A_i, divided by B_u for the union mean
         grad.scatter_add_(1, rows, torch.where(valid, -(1.0 / (b_u * n_pos.to(grad.dtype)))[:, None], 0.0))
@@ -140,34 +145,40 @@ def _loss(features, cams, tracklets, shard: MemoryShard, ranks: Ranks, *, temper
 
     with torch.no_grad():
         hard_rows = hardest_positive_rows(pair, rows_p, valid_p)
-        own_rows = _pack_float(memory[hard_rows], cams, n_pos, pos_sum)  # (B_r, D + 3)
+        # (B_r, D + 3) in the working precision: camera ids and |P_i| are far below 2^24
+        own_rows = _pack_float(memory[hard_rows], cams, n_pos, pos_sum, dtype=work)
     union, sizes = ranks.gather_anchors(features)  # (B_u, D), differentiable
     offset, b_u = sum(sizes[: ranks.rank]), sum(sizes)
     own = slice(offset, offset + b)
     with torch.no_grad():
         packed = ranks.gather_rows(own_rows, sizes)
         d = memory.shape[1]
-        cams_u, n_pos_u, pos_sum_u = packed[:, d].long(), packed[:, d + 1].long(), packed[:, d + 2].to(work)
+        cams_u, n_pos_u, pos_sum_u = packed[:, d].long(), packed[:, d + 1].long(), packed[:, d + 2]
         logits, ranking = _scores(memory, union.detach() * inv_t, packed[:, :d])  # s, r: (B_u, N_r) each
         same = cams_u[:, None] == shard.cams[None, :]  # A_i on this rank
         n_other_u = shard.total_rows - shard.camera_rows[cams_u]
 
-        # One sorted top-k of r over O_i: its first columns are this rank's hard candidates, all of it holds this
-        # rank's part of the grey zone (the global ⌊ρ|O_i|⌋ largest are among every rank's local ones).
+        # One top-k of r over O_i holds this rank's hard candidates and its part of the grey zone (the global
+        # ⌊ρ|O_i|⌋ largest are among every rank's local ⌊ρ|O_i|⌋ largest).
         ranking.masked_fill_(same, -math.inf)
         n_grey = grey_zone_sizes(n_other_u, grey_zone)
-        depth = min(memory.shape[0], max(hard_k, shard.grey_depth(grey_zone)))
-        top_r, top_pos = _local_topk(ranking, depth)
-        threshold = radix_select(top_r, n_grey.clamp(min=1), ranks)
+        depth = max(hard_k, shard.grey_depth(grey_zone))
+        if 4 * depth >= memory.shape[0]:  # a wide grey zone: select among all rows rather than sort most of them
+            candidates = ranking
+            hard_values, hard_pos = _local_topk(ranking, hard_k)
+        else:
+            candidates, candidate_pos = _local_topk(ranking, depth, sorted=False)
+            hard_values, at = _local_topk(candidates, hard_k)
+            hard_pos = candidate_pos.gather(1, at)
+        threshold = radix_select(candidates, n_grey.clamp(min=1), ranks)
+        del candidates
         threshold = torch.where(n_grey > 0, threshold, math.inf)
         grey = ranking >= threshold[:, None]  # -inf on A_i, so only O_i rows
 
         # E_i candidates: top-K of s over O_i (the ranking buffer is free now). Then both kinds merged globally.
-        other_logits = torch.where(same, logits.new_tensor(-math.inf), logits, out=ranking)
+        other_logits = ranking.copy_(logits).masked_fill_(same, -math.inf)
         easy_values, easy_pos = _local_topk(other_logits, easy_k)
         del other_logits, ranking
-        hard_values, at = _local_topk(top_r[:, :hard_k], hard_k)  # padded when this rank has < K rows
-        hard_pos = top_pos.gather(1, at) if depth else at
         cand_values = torch.cat([hard_values, easy_values], 1)
         cand_pos = torch.cat([hard_pos, easy_pos], 1)
         if memory.shape[0]:
@@ -217,7 +228,8 @@ def _loss(features, cams, tracklets, shard: MemoryShard, ranks: Ranks, *, temper
         inv_z = 1.0 / (b_u * z)
         inv_num = 1.0 / (b_u * n_num.to(work))
         grad = e.mul_((torch.exp(local_shift - shift) * inv_z)[:, None])
-        grad.scatter_add_(1, picked_pos, (picked_e * inv_z[:, None] - inv_num[:, None]) * (picked_ok & mine))
+        if memory.shape[0]:  # a rank without rows has no picks of its own (only fillers)
+            grad.scatter_add_(1, picked_pos, (picked_e * inv_z[:, None] - inv_num[:, None]) * (picked_ok & mine))
         grad[own].scatter_add_(1, rows_p, torch.where(valid_p, -inv_num[own][:, None], 0.0))
         value = per_anchor[own].sum() / b_u
         logged_sum = parts[..., 2:].sum((0, 1)) / b_u
@@ -292,6 +304,9 @@ def ctacl_loss_parts(features, cams, tracklets, memory, memory_cams, memory_trac
         def camera_table():
             return camera_centroids(memory, memory_slot, n_cams + 1)
     else:
+        if centroids.shape != (n_cams, memory.shape[1]):
+            raise ReidError(f"ctacl_loss: centroids shape {tuple(centroids.shape)}, expected ({n_cams}, "
+                            f"{memory.shape[1]}): one row per distinct memory camera, in sorted order")
         table = torch.cat([centroids.detach(), centroids.new_zeros(1, centroids.shape[1])])
 
         def camera_table():
@@ -333,7 +348,8 @@ def sharded_ctacl_loss(features, cams, tracklets, row_ids, bank, *, temperature=
     features: (B_r, D) this rank's anchors, L2-normalised, with grad; cams, tracklets: (B_r,) int64; row_ids: (B_r,)
     their global memory rows (this rank's); bank: ``reid.memory.MemoryBank``. Returns ``loss`` (backprop it on every
     rank; scaled for DDP's averaging), ``intra``/``inter``/``cam`` (0-dim float64 union-batch means; inter/cam 0 in
-    warm-up), ``hard_ids``/``easy_ids`` (B_r, K) global rows of the mined positives (-1 where fewer than K exist),
+    warm-up), ``hard_ids``/``easy_ids`` (B_r, min(K, N)) global rows of the mined positives (-1 where fewer than K
+exist),
     ``counts`` (as ``ctacl_loss_parts``) and ``missing`` (0-dim bool tensor). ``check=True`` verifies the rows and
     positives at once (host synchronisations); training passes False and reads ``missing`` with its one per-step
     synchronisation instead.

@@ -4,7 +4,8 @@ On CUDA the count is torch's own (``torch.cuda.set_sync_debug_mode("warn")`` war
 Elsewhere no operation waits, so the count is of the calls that *would* wait on a GPU: a tensor turned into a
 Python value (``bool``/``int``/``float``/``item``/``tolist``), a result whose size depends on the data
 (``nonzero``, boolean-mask indexing, ``unique``, ``masked_select``, ``repeat_interleave`` without
-``output_size``, ``bincount``), and copies to the host. That is how the tests pin the training step's count on
+``output_size``, ``bincount``), copies to the host, and Python data copied to a device (``new_tensor``,
+``torch.tensor(..., device=)``). That is how the tests pin the training step's count on
 a CPU-only machine.
 
     with count_host_syncs() as syncs:
@@ -40,6 +41,10 @@ def _is_sync(name: str, args, kwargs) -> bool:
         return True
     if name in _INDEXING:
         return _has_bool_index(args)
+    if name == "new_tensor":  # Python data copied to the tensor's device (a GPU waits for the copy)
+        return True
+    if name in ("tensor", "as_tensor", "scalar_tensor"):  # the same, when a device is named
+        return kwargs.get("device") is not None and not isinstance(args[0] if args else None, torch.Tensor)
     if name == "repeat_interleave":
         return len(args) > 1 and isinstance(args[1], torch.Tensor) and kwargs.get("output_size") is None
     return name == "cpu"  # .to(device) is written for the training device: a copy to the GPU does not wait

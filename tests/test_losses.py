@@ -312,3 +312,11 @@ def test_bad_hyperparameters_are_errors():
     for kwargs in ({"temperature": 0.0}, {"topk": -1}, {"grey_zone": 1.0}, {"easy_topk": 2.5}):
         with pytest.raises(ReidError):
             ctacl_loss(**make_problem(15), **kwargs)
+
+
+@pytest.mark.parametrize("grey_zone", [0.02, 0.5, 0.9])
+def test_narrow_and_wide_grey_zones_match_the_reference(grey_zone):
+    # 0.02: the cut is selected among each row's top-k candidates; 0.5 and 0.9: among all rows (no sort)
+    problem = make_problem(21, n_cams=5, tracklets_per_cam=8)
+    assert_matches_reference(problem, grey_zone=grey_zone)
+    assert_matches_reference(problem, grey_zone=grey_zone, hard_topk=0)

@@ -20,10 +20,13 @@ def test_counter_sees_python_values_data_dependent_shapes_and_mask_indexing():
         x[x > 2]  # a boolean mask: the result's size depends on the data
         torch.unique(x)
         x.nonzero()
+        x.new_tensor([1.0])  # Python data copied to x's device
+        torch.tensor([1, 2], device=x.device)
         y = x * 2 + 1  # none of these wait
+        x.new_full((2,), 3.0)
         y.topk(2)
         y[torch.tensor([0, 1])]
-    assert syncs.count == 5, syncs.calls
+    assert syncs.count == 7, syncs.calls
 
 
 def _tiny_step_setup():
