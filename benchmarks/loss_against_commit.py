@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import add_json_flag, write_json  # noqa: E402
-from reid.bench_common import LOSS_KW, SIZES, dataset_bank  # noqa: E402
+from reid.bench_common import LOSS_KW, dataset_bank  # noqa: E402
 from reid.losses import sharded_ctacl_loss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +109,6 @@ def main() -> None:
                   f" ({row['training_path_over_floor']:.2f}× floor)  old ctacl_loss {best['old_ctacl_loss']:.3f} s  "
                   f"old sharded {best['old_sharded_ctacl_loss']:.3f} s  loss new/old {values[0]:.6f}/{values[1]:.6f}",
                   flush=True)
-            del bank, memory, grad_logits
     write_json(args.json, {"benchmark": "loss_against_commit", "commit": args.commit, "torch": torch.__version__,
                            "threads": torch.get_num_threads(), "loss": LOSS_KW, "results": rows_out})
 
