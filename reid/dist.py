@@ -2,7 +2,7 @@
 
 With one process (no process group) each operation is the identity, so the single-process path is the
 distributed path with world size 1. Every collective adds the bytes this rank contributes to
-``COMM_BYTES`` (what benchmarks/distributed_loss.py reports per step).
+``COMM_BYTES`` (what `reid bench scaling` reports per step).
 """
 
 from __future__ import annotations

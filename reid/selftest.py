@@ -1,6 +1,6 @@
 """``torchrun --nproc_per_node=N -m reid selftest [--rows N --dim D --batch B]``: check a cluster before a long job.
 
-Builds a random camera-sharded memory and batch (seeded), runs the sharded loss (reid.sharded_loss) in warm-up
+Builds a random camera-sharded memory and batch (seeded), runs the sharded loss (reid.losses.sharded_ctacl_loss) in warm-up
 and full mode, and compares loss and every anchor's gradient with the single-process ``reid.losses.ctacl_loss``
 computed on rank 0 from gathered data (the whole memory on rank 0 is for this check only). Prints the largest
 differences and the per-rank memory bytes; exit status 1 on a mismatch. Any backend: gloo on CPU, NCCL on GPUs.
