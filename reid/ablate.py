@@ -4,18 +4,16 @@ Rows run one after another through the same `main(cfg)`; each writes its own run
 `<output_dir>/ablation/<row>`, and the table is printed and saved as JSON and Markdown.
 
 The warm-up epochs use the intra-camera loss alone, so they are the same for every row (same seed, same
-losses). `--share-warmup` trains them once in `<output_dir>/ablation/_warmup` and starts every row from a
-copy of that checkpoint; resuming retraces an uninterrupted run exactly, so the table is the same as with
-each row retraining its own warm-up, for a fraction of the CPU time.
+losses). `--share-warmup` trains them once in `<output_dir>/ablation/_warmup` and every row starts from that
+finished warm-up (`train.init_from`); continuing retraces an uninterrupted run exactly, so the table is the
+same as with each row retraining its own warm-up, for a fraction of the CPU time.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shutil
 
-import torch
 
 from reid.config import load_config
 
@@ -54,9 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         train_shared_warmup(args.config, args.overrides, warmup_dir)
     for name in [] if args.table_only else names:
         row_overrides = [o.format(epochs=base.train.epochs) for o in ROWS[name]]
-        cfg = load_config(args.config, args.overrides + row_overrides + [f"output_dir={_row_dir(root, name)}"])
-        if shared:
-            start_from_warmup(warmup_dir, cfg.output_dir)
+        start = [f"train.init_from={warmup_dir}"] if shared else []
+        cfg = load_config(args.config, args.overrides + row_overrides + start + [f"output_dir={_row_dir(root, name)}"])
         print(f"\n=== ablation row: {name} ({' '.join(row_overrides) or 'reference recipe'}) ===", flush=True)
         train_main(cfg)
     # The table is built from every finished row folder, so rows may run in separate processes.
@@ -79,25 +76,6 @@ def train_shared_warmup(config: str, overrides: list[str], warmup_dir: str) -> N
     print(f"\n=== shared warm-up ({base.train.warmup_epochs} epochs) ===", flush=True)
     train_main(load_config(config, overrides + [f"train.epochs={base.train.warmup_epochs}",
                                                 f"output_dir={warmup_dir}"]))
-
-
-def start_from_warmup(warmup_dir: str, row_dir: str) -> None:
-    """Seed `row_dir` with the shared warm-up's checkpoint (its memory folder too) unless the row has one.
-
-    The warm-up run's last evaluation (its metrics.json "final", written after the checkpoint) becomes the
-    row's "warmup".
-    """
-    source = os.path.join(warmup_dir, "checkpoint.pt")
-    target = os.path.join(row_dir, "checkpoint.pt")
-    if os.path.isfile(target) or not os.path.isfile(source):
-        return
-    ckpt = torch.load(source, map_location="cpu", weights_only=False)
-    os.makedirs(row_dir, exist_ok=True)
-    shutil.copytree(os.path.join(warmup_dir, ckpt["memory_dir"]), os.path.join(row_dir, ckpt["memory_dir"]),
-                    dirs_exist_ok=True)
-    with open(os.path.join(warmup_dir, "metrics.json")) as f:
-        ckpt["metrics"]["warmup"] = json.load(f)["final"]
-    torch.save(ckpt, target)
 
 
 def _row_dir(root: str, name: str) -> str:

@@ -214,8 +214,34 @@ def load_for_resume(cfg: Config, model, optimizer, bank: MemoryBank, log) -> Res
     else:  # a fresh run, or one written before manifests existed (checkpoint.pt + its memory folder)
         path = os.path.join(cfg.output_dir, CHECKPOINT)
         if not os.path.isfile(path):
-            return Resume()
+            return _init_from(cfg, model, optimizer, bank, log) if cfg.train.init_from else Resume()
         memory_dir, names = None, None
+    return _load(path, memory_dir, names, cfg, model, optimizer, bank, log)
+
+
+def _init_from(cfg: Config, model, optimizer, bank: MemoryBank, log) -> Resume:
+    """train.init_from: continue from another run's newest complete checkpoint (its folder is only read), as a
+    resume would; this run's checkpoints and metrics then go to its own output_dir. The other run's final
+    evaluation is not carried over."""
+    folder = os.path.join(cfg.train.init_from, FOLDER)
+    manifest = dist.broadcast_object(newest_complete(folder, log) if dist.is_main() else None)
+    if manifest is None:
+        raise ReidError(f"config key 'train.init_from': {cfg.train.init_from} holds no complete checkpoint, "
+                        "expected a run folder with checkpoints/eNNNN.json")
+    resume = _load(os.path.join(folder, manifest["state"]), os.path.join(folder, manifest["memory_dir"]),
+                   manifest["memory_files"], cfg, model, optimizer, bank, log, verb="initialised")
+    resume.metrics.pop("final", None)
+    metrics_file = os.path.join(cfg.train.init_from, "metrics.json")
+    if resume.step == 0 and resume.epoch == cfg.train.warmup_epochs and os.path.isfile(metrics_file):
+        with open(metrics_file) as f:  # a finished warm-up run: its final evaluation is this run's warm-up point
+            final = json.load(f).get("final")
+        if final is not None and "warmup" not in resume.metrics:
+            resume.metrics["warmup"] = final
+    return resume
+
+
+def _load(path, memory_dir, names, cfg: Config, model, optimizer, bank: MemoryBank, log,
+          verb: str = "resumed") -> Resume:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     step = ckpt.get("step", 0)
     breaking, harmless = config_changes(ckpt.get("config", {}), cfg, mid_epoch=step > 0)
@@ -233,7 +259,7 @@ def load_for_resume(cfg: Config, model, optimizer, bank: MemoryBank, log) -> Res
     own_buffers = ckpt.get("rank_buffers")
     if own_buffers and len(own_buffers) == dist.world_size():  # per-rank BatchNorm, saved mid-epoch
         unwrap(model).load_state_dict(own_buffers[dist.rank()], strict=False)
-    log(f"resumed from epoch {ckpt['epoch']}" + (f" step {step}" if step else "") + f" ({path})")
+    log(f"{verb} from epoch {ckpt['epoch']}" + (f" step {step}" if step else "") + f" ({path})")
     return Resume(ckpt["epoch"], step, ckpt["metrics"], ckpt.get("meters"), ckpt.get("torch_rng"))
 
 

@@ -72,6 +72,10 @@ class LossConfig:
     cam_weight: float = 0.2
     hard_positives: bool = True    # ablation switches: mined cross-camera positives of each kind
     easy_positives: bool = True
+    # seed = DESIGN §3 exactly. Options, joined with "+": center = mine cross-camera positives and the grey zone
+    # with each camera's mean memory row removed (rows and anchors); camera_softmax = each positive competes only
+    # with the rows of its own camera (camera-conditional denominators). README "Cross-camera recipes".
+    variant: str = "seed"
 
 
 @dataclass
@@ -101,6 +105,8 @@ class TrainConfig:
     compile_backend: str = "inductor"
     dtype: str = "float32"         # float64: slow, for exactness checks (README "Same model at any world size")
     resume: bool = True            # resume from output_dir's checkpoint when one exists
+    init_from: str = ""            # a run folder: start from its newest complete checkpoint (model, optimizer,
+                                   # memory, epoch) when output_dir has none; the run itself is not touched
     skip_nonfinite: bool = False   # a NaN/Inf loss: False = stop naming step and part, True = skip the step
     keep_checkpoints: int = 2      # complete checkpoints kept in output_dir/checkpoints (the newest ones)
     checkpoint_every_steps: int = 0  # also a mid-epoch checkpoint every N steps (0 = at epoch ends only)
@@ -146,6 +152,7 @@ _CHOICES = {
     "train.channels_last": ("auto", "true", "false"),
     "train.fused_optimizer": ("auto", "true", "false"),
 }
+LOSS_VARIANT_OPTIONS = ("center", "camera_softmax")
 LEGACY_KEYS = ("model.sync_bn", "loss.exact")  # in configs saved by older versions (checkpoints); ignored when read back
 
 
@@ -218,6 +225,13 @@ def validate(cfg: Config) -> Config:
         value = get(cfg, key)
         if value not in allowed:
             raise ReidError(f"config key '{key}': got {value!r}, expected one of {', '.join(allowed)}")
+    variant = [part.strip() for part in cfg.loss.variant.split("+")]
+    if variant != ["seed"] and not (set(variant) <= set(LOSS_VARIANT_OPTIONS) and len(set(variant)) == len(variant)):
+        raise ReidError(f"config key 'loss.variant': got {cfg.loss.variant!r}, expected seed or options from "
+                        f"{', '.join(LOSS_VARIANT_OPTIONS)} joined with '+'")
+    if cfg.train.init_from and not os.path.isdir(cfg.train.init_from):
+        raise ReidError(f"config key 'train.init_from': {cfg.train.init_from!r} is not a folder, expected a run "
+                        "folder with checkpoints")
     evaluation_level(cfg.eval.level, "veri776" if cfg.data.format == "synthetic" else cfg.data.format)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise ReidError(f"config key 'device': got {cfg.device!r}, expected auto, cpu, cuda or cuda:N")

@@ -33,21 +33,37 @@ def test_unknown_row_is_an_error():
         main(["--rows", "no such row"])
 
 
-def test_a_row_started_from_the_shared_warmup_resumes_with_its_metrics_renamed(tmp_path):
-    from reid.ablate import start_from_warmup
+def test_init_from_continues_a_finished_warmup_as_the_uninterrupted_run_would(tmp_path):
+    from reid.config import load_config
+    from reid.train import main as train
+    from tests.test_train import TINY
 
-    warmup = tmp_path / "_warmup"
-    (warmup / "memory_e0003").mkdir(parents=True)
-    (warmup / "memory_e0003" / "memory_rank00000_of00001.pt").write_bytes(b"rows")
-    torch.save({"epoch": 3, "memory_dir": "memory_e0003", "metrics": {"untrained": {"mAP": 0.02}}},
-               warmup / "checkpoint.pt")
-    (warmup / "metrics.json").write_text(json.dumps({"untrained": {"mAP": 0.02}, "final": {"mAP": 0.12}}))
-    row = tmp_path / "full"
-    start_from_warmup(str(warmup), str(row))
-    ckpt = torch.load(row / "checkpoint.pt", weights_only=False)
-    assert ckpt["epoch"] == 3 and (row / "memory_e0003" / "memory_rank00000_of00001.pt").read_bytes() == b"rows"
-    assert ckpt["metrics"] == {"untrained": {"mAP": 0.02}, "warmup": {"mAP": 0.12}}
-    ckpt["epoch"] = 5  # a row that already has its own checkpoint is left alone
-    torch.save(ckpt, row / "checkpoint.pt")
-    start_from_warmup(str(warmup), str(row))
-    assert torch.load(row / "checkpoint.pt", weights_only=False)["epoch"] == 5
+    def cfg(name, *extra):
+        return load_config("configs/synthetic.yaml", TINY + [f"data.root={tmp_path / 'synth'}",
+                                                             f"output_dir={tmp_path / name}", *extra])
+
+    train(cfg("warmup", "train.epochs=1", "train.warmup_epochs=1"))
+    before = sorted(p.name for p in (tmp_path / "warmup" / "checkpoints").iterdir())
+    started = train(cfg("row", "train.epochs=2", "train.warmup_epochs=1", f"train.init_from={tmp_path / 'warmup'}"))
+    whole = train(cfg("whole", "train.epochs=2", "train.warmup_epochs=1"))
+    assert sorted(p.name for p in (tmp_path / "warmup" / "checkpoints").iterdir()) == before  # only read
+    row, ref = (torch.load(tmp_path / n / "final_model.pt", weights_only=False) for n in ("row", "whole"))
+    row, ref = (m.get("model", m) for m in (row, ref))
+    assert all(torch.equal(row[k], ref[k]) for k in ref)
+    assert started["final"] == whole["final"]
+    saved = json.loads((tmp_path / "row" / "metrics.json").read_text())
+    warmup = json.loads((tmp_path / "warmup" / "metrics.json").read_text())
+    assert saved["warmup"] == warmup["final"] and len(saved["epochs"]) == 2  # the warm-up run's end is the warm-up
+
+
+def test_init_from_without_checkpoints_is_a_one_line_error(tmp_path):
+    from reid.config import load_config
+    from reid.train import main as train
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReidError, match="train.init_from.*no complete checkpoint"):
+        train(load_config("configs/synthetic.yaml", [f"train.init_from={tmp_path / 'empty'}", "device=cpu",
+                                                      f"output_dir={tmp_path / 'run'}", "model.arch=resnet18",
+                                                      f"data.root={tmp_path / 'synth'}", "synth.identities=16",
+                                                      "synth.test_identities=8", "synth.cameras=4",
+                                                      "synth.height=32", "synth.width=32"]))

@@ -1,7 +1,7 @@
 """How the synthetic recipe's grey zone and camera-loss weight were chosen: a sweep from one shared warm-up.
 
 The warm-up (intra-camera loss only) is trained once; every setting then resumes from a copy of that
-checkpoint (`reid.ablate.start_from_warmup`) and trains the full CTACL loss for the same epochs. Prints
+finished warm-up (`train.init_from`) and trains the full CTACL loss for the same epochs. Prints
 mAP / Rank-1 / cross-camera Rank-1 / mined-positive precision per setting; with --json writes them.
 
 Identities are read only by the evaluation and the diagnostics, never by the loss; the settings are
@@ -42,7 +42,7 @@ def main() -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides for every setting (e.g. train.epochs=7)")
     args = p.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from reid.ablate import start_from_warmup, train_shared_warmup
+    from reid.ablate import train_shared_warmup
     from reid.config import load_config
     from reid.train import main as train_main
 
@@ -53,8 +53,7 @@ def main() -> int:
     for i, (name, overrides) in enumerate(SETTINGS.items()):
         out = os.path.join(args.out, f"s{i}")
         extra = [o.format(epochs=base.train.epochs) for o in overrides]
-        cfg = load_config(args.config, args.overrides + extra + [f"output_dir={out}"])
-        start_from_warmup(warmup_dir, out)
+        cfg = load_config(args.config, args.overrides + extra + [f"output_dir={out}", f"train.init_from={warmup_dir}"])
         start = time.time()
         metrics = train_main(cfg)
         last = metrics["epochs"][-1]
