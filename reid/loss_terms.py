@@ -24,8 +24,8 @@ class MemoryShard:
     """The memory rows one rank scores against, and what the loss must know about all of them.
 
     rows: (N_r, D) L2-normalised; cams, tracklets, global_ids: (N_r,) int64; camera_rows: (C,) int64 rows of each
-    camera over all ranks; centroids: () → ((C, D) normalised camera centroids, (C,) bool present), over all
-    ranks. The rest is derived once by ``build`` (host values, so a training step needs no host synchronisation
+    camera over all ranks; centroids: () → ((C, D) normalised camera centroids, (C,) bool present, (C, D) row sums
+    per camera), over all ranks (one collective). The rest is derived once by ``build`` (host values, so a training step needs no host synchronisation
     to find positives or size its buffers): the sorted (camera, tracklet) keys, the longest tracklet, the total
     row count and the smallest camera.
     """
@@ -161,14 +161,16 @@ def radix_select(values: torch.Tensor, k: torch.Tensor, ranks: Ranks) -> torch.T
 # ----------------------------------------------------------------------------------------- the camera term
 
 
-def camera_centroids(memory, memory_cams, num_cameras: int):
+def camera_centroids(memory, memory_cams, num_cameras: int, with_sums: bool = False):
     """``C_c = normalize(Σ_{j: c_j=c} m_j)`` (the sum's direction is the mean's), one pass over the memory.
 
-    memory: (N, D); memory_cams: (N,) in 0..num_cameras-1. Returns ((num_cameras, D), (num_cameras,) bool present).
+    memory: (N, D); memory_cams: (N,) in 0..num_cameras-1. Returns ((num_cameras, D), (num_cameras,) bool present)
+    and, with ``with_sums``, the (num_cameras, D) row sums too.
     """
     sums = memory.new_zeros(num_cameras, memory.shape[1], dtype=torch.promote_types(memory.dtype, torch.float32))
     sums.index_add_(0, memory_cams, memory.to(sums.dtype))
-    return F.normalize(sums, dim=1), torch.bincount(memory_cams, minlength=num_cameras) > 0
+    present = torch.bincount(memory_cams, minlength=num_cameras) > 0
+    return (F.normalize(sums, dim=1), present, sums) if with_sums else (F.normalize(sums, dim=1), present)
 
 
 def camera_alignment_loss(features, centroids, present, cameras_present: int):

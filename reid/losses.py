@@ -107,19 +107,33 @@ def _warmup(features, cams, rows, valid, n_pos, pos_sum, shard: MemoryShard, ran
 
 
 def _merge_picks(gathered, local_pos, k_global: int, ranks: Ranks):
-    """Global top-k of every rank's candidate lists. gathered: (B, R, 3, K) packed (value, global id, s) of every
-    rank; local_pos: (B, K) this rank's candidates' positions in its rows. Returns the picks' global ids, their
-    ``s``, which are this rank's (mine) and their local positions; each (B, k_global)."""
+    """Global top-k of every rank's candidate lists. gathered: (B, R, 4, K) packed (mining value, global id, s,
+    camera) of every rank; local_pos: (B, K) this rank's candidates' positions in its rows. Returns the picks'
+    global ids, their ``s``, their cameras, which are this rank's (mine) and their local positions; each
+    (B, k_global)."""
     k_local = local_pos.shape[1]
     order = gathered[:, :, 0].flatten(1).topk(k_global, dim=1).indices
     ids = gathered[:, :, 1].flatten(1).gather(1, order).long()
     s = gathered[:, :, 2].flatten(1).gather(1, order)
+    cams = gathered[:, :, 3].flatten(1).gather(1, order).long()
     mine = torch.div(order, k_local, rounding_mode="floor") == ranks.rank
-    return ids, s, mine, local_pos.gather(1, order % k_local)
+    return ids, s, cams, mine, local_pos.gather(1, order % k_local)
+
+
+def _centring(means, camera_scores, cams_u, cams_r):
+    """Variant center: what turns a product x·m_j into (x − μ_{c_i})·(m_j − μ_{c_j}) / ‖m_j − μ_{c_j}‖ for an anchor of
+    camera c_i, given x·μ_c: returns the (B_u, N_r) term μ_{c_i}·μ_{c_j} − μ_{c_i}·m_j and the (N_r,) norms
+    ‖m_j − μ_{c_j}‖ (rows are unit vectors). means: (C, D) camera means μ; camera_scores: (C, N_r) μ_c·m_j.
+    The anchor side's norm is the same for all of an anchor's rows, so rankings do not need it."""
+    mm = means @ means.T
+    own = camera_scores.gather(0, cams_r[None, :])[0]
+    row_norm = (1.0 - 2.0 * own + mm.diagonal()[cams_r]).clamp(min=1e-12).sqrt()
+    offset = mm.index_select(0, cams_u).index_select(1, cams_r).sub_(camera_scores.index_select(0, cams_u))
+    return offset, row_norm
 
 
 def _loss(features, cams, tracklets, shard: MemoryShard, ranks: Ranks, *, temperature, hard_k, easy_k, grey_zone,
-          cam_weight, warmup) -> dict:
+          cam_weight, warmup, variant=frozenset()) -> dict:
     """The loss of this rank's anchors over every rank's shard (see the module docstring). Returns ``loss`` (scaled
     for DDP's averaging: backprop it on every rank), ``intra``/``inter``/``cam`` (0-dim float64 union-batch means),
     ``hard_ids``/``easy_ids`` (B_r, K) global rows (-1 where fewer than K exist), ``counts`` and ``missing`` (0-dim
@@ -147,6 +161,8 @@ def _loss(features, cams, tracklets, shard: MemoryShard, ranks: Ranks, *, temper
         hard_rows = hardest_positive_rows(pair, rows_p, valid_p)
         # (B_r, D + 3) in the working precision: camera ids and |P_i| are far below 2^24
         own_rows = _pack_float(memory[hard_rows], cams, n_pos, pos_sum, dtype=work)
+    centroids, present, camera_sums = shard.centroids()  # one collective: the camera term's and the means
+    center, camera_softmax = "center" in variant, "camera_softmax" in variant
     union, sizes = ranks.gather_anchors(features)  # (B_u, D), differentiable
     offset, b_u = sum(sizes[: ranks.rank]), sum(sizes)
     own = slice(offset, offset + b)
@@ -154,9 +170,15 @@ def _loss(features, cams, tracklets, shard: MemoryShard, ranks: Ranks, *, temper
         packed = ranks.gather_rows(own_rows, sizes)
         d = memory.shape[1]
         cams_u, n_pos_u, pos_sum_u = packed[:, d].long(), packed[:, d + 1].long(), packed[:, d + 2]
-        logits, ranking = _scores(memory, union.detach() * inv_t, packed[:, :d])  # s, r: (B_u, N_r) each
-        same = cams_u[:, None] == shard.cams[None, :]  # A_i on this rank
+        hard_u, cams_r = packed[:, :d], shard.cams
+        means = camera_sums.to(work) / shard.camera_rows.clamp(min=1)[:, None].to(work) if center else None
+        # s, r: (B_u, N_r) each (and μ_c·m_j (C, N_r) with center), from one pass over the memory
+        logits, ranking, *camera_scores = _scores(memory, union.detach() * inv_t, hard_u, *([means] if center else []))
+        same = cams_u[:, None] == cams_r[None, :]  # A_i on this rank
         n_other_u = shard.total_rows - shard.camera_rows[cams_u]
+        if center:  # variant center: r (and s below) of the rows with each camera's mean removed, renormalised
+            offset_rows, row_norm = _centring(means, camera_scores[0], cams_u, cams_r)
+            ranking.sub_((hard_u.to(work) @ means.T).index_select(1, cams_r)).add_(offset_rows).div_(row_norm)
 
         # One top-k of r over O_i holds this rank's hard candidates and its part of the grey zone (the global
         # ⌊ρ|O_i|⌋ largest are among every rank's local ⌊ρ|O_i|⌋ largest).
@@ -176,24 +198,30 @@ def _loss(features, cams, tracklets, shard: MemoryShard, ranks: Ranks, *, temper
         grey = ranking >= threshold[:, None]  # -inf on A_i, so only O_i rows
 
         # E_i candidates: top-K of s over O_i (the ranking buffer is free now). Then both kinds merged globally.
-        other_logits = ranking.copy_(logits).masked_fill_(same, -math.inf)
-        easy_values, easy_pos = _local_topk(other_logits, easy_k)
+        if center:
+            other_logits = torch.mul(logits, temperature, out=ranking).sub_(
+                (union.detach().to(work) @ means.T).index_select(1, cams_r)).add_(offset_rows).div_(row_norm)
+            del offset_rows
+        else:
+            other_logits = ranking.copy_(logits)
+        easy_values, easy_pos = _local_topk(other_logits.masked_fill_(same, -math.inf), easy_k)
         del other_logits, ranking
         cand_values = torch.cat([hard_values, easy_values], 1)
         cand_pos = torch.cat([hard_pos, easy_pos], 1)
         if memory.shape[0]:
-            cand_s, cand_ids = logits.gather(1, cand_pos), shard.global_ids[cand_pos]
+            cand_s, cand_ids, cand_cams = logits.gather(1, cand_pos), shard.global_ids[cand_pos], cams_r[cand_pos]
         else:  # a rank without rows offers only -inf fillers
-            cand_s, cand_ids = cand_values.clone(), cand_pos
+            cand_s, cand_ids, cand_cams = cand_values.clone(), cand_pos, cand_pos
         k_all = cand_values.shape[1]
-        gathered = ranks.gather_candidates(_pack_float(cand_values, cand_ids, cand_s)).view(b_u, ranks.world, 3, k_all)
+        gathered = ranks.gather_candidates(_pack_float(cand_values, cand_ids, cand_s, cand_cams))
+        gathered = gathered.view(b_u, ranks.world, 4, k_all)
         picks = []
         for k, cols in ((hard_k, slice(0, hard_k)), (easy_k, slice(hard_k, k_all))):
             k_global = min(k, shard.total_rows)
-            ids, s, mine, pos = _merge_picks(gathered[..., cols], cand_pos[:, cols], k_global, ranks)
+            ids, s, pick_cams, mine, pos = _merge_picks(gathered[..., cols], cand_pos[:, cols], k_global, ranks)
             ok = torch.arange(k_global, device=logits.device)[None, :] < n_other_u[:, None]
-            picks.append((ids, s.to(work), mine, pos, ok))
-        picked_ids, picked, mine, picked_pos, picked_ok = (torch.cat(x, 1) for x in zip(*picks))
+            picks.append((ids, s.to(work), pick_cams, mine, pos, ok))
+        picked_ids, picked, picked_cams, mine, picked_pos, picked_ok = (torch.cat(x, 1) for x in zip(*picks))
         picked = picked.masked_fill(~picked_ok, -math.inf)
 
         # Denominator Δ_i = A_i ⊎ N_i ⊎ H_i ⊎ E_i: every non-grey row plus the picks. Each rank sums exp(s − its own
@@ -203,10 +231,11 @@ def _loss(features, cams, tracklets, shard: MemoryShard, ranks: Ranks, *, temper
         local_shift = torch.where(torch.isfinite(local_max), local_max, 0.0)
         e = logits.sub_(local_shift[:, None]).exp_()
         local_sum = e.sum(1)
+        if camera_softmax:  # per camera, still relative to this rank's shift
+            local_cameras = e.new_zeros(b_u, shard.camera_rows.numel()).index_add_(1, cams_r, e)
         # Logged only: L_intra of own anchors (A_i is on this rank) and their camera term.
         a_sum = torch.where(same[own], e[own], 0.0).sum(1)
         intra_own = local_shift[own] + torch.log(a_sum) - pos_sum / n_pos
-    centroids, present = shard.centroids()
     with torch.set_grad_enabled(cam_weight != 0 and torch.is_grad_enabled()):
         cam_own = camera_alignment_loss(features, centroids, present, shard.cameras_present)
     with torch.no_grad():
@@ -217,19 +246,34 @@ def _loss(features, cams, tracklets, shard: MemoryShard, ranks: Ranks, *, temper
         shift = maxes.amax(1)
         if picked.shape[1]:
             shift = torch.maximum(shift, picked.amax(1))
-        z_parts = sums * torch.exp(torch.where(torch.isfinite(maxes), maxes, shift[:, None]) - shift[:, None])
-        picked_e = torch.exp(picked - shift[:, None])
-        z = z_parts.sum(1) + picked_e.sum(1)
+        picked_e = torch.exp(picked - shift[:, None])  # 0 for missing picks
         n_num = n_pos_u + picked_ok.sum(1)
         num_sum = pos_sum_u + picked.masked_fill(~picked_ok, 0).sum(1)
-        per_anchor = shift + torch.log(z) - num_sum / n_num
-
-        # dL/ds_ij = (w_den_ij·exp s_ij / Z_i − w_num_ij / |Π_i|) / B_u on this rank's rows, weights = multiplicities.
-        inv_z = 1.0 / (b_u * z)
         inv_num = 1.0 / (b_u * n_num.to(work))
-        grad = e.mul_((torch.exp(local_shift - shift) * inv_z)[:, None])
+        to_shift = torch.exp(local_shift - shift)  # this rank's sums → the common shift
+        if camera_softmax:
+            # Variant camera_softmax: each positive p competes with Δ_i restricted to p's camera. Cameras are whole
+            # on their ranks, so the per-camera sums of all ranks add up exactly.
+            z_cam = ranks.sum(local_cameras * to_shift[:, None]).scatter_add_(1, picked_cams, picked_e)
+            n_cam = torch.zeros_like(z_cam).scatter_add_(1, picked_cams, picked_ok.to(work))
+            n_cam.scatter_add_(1, cams_u[:, None], n_pos_u[:, None].to(work))  # P_i: the anchor's own camera
+            log_z = torch.where(n_cam > 0, torch.log(z_cam), 0.0)
+            per_anchor = shift + ((n_cam * log_z).sum(1) - num_sum) / n_num
+            weight = torch.where(n_cam > 0, n_cam / z_cam, 0.0) * inv_num[:, None]  # (B_u, C)
+            row_weight = weight.index_select(1, cams_r) * to_shift[:, None]
+            pick_weight = weight.gather(1, picked_cams)
+        else:
+            z_parts = sums * torch.exp(torch.where(torch.isfinite(maxes), maxes, shift[:, None]) - shift[:, None])
+            z = z_parts.sum(1) + picked_e.sum(1)
+            per_anchor = shift + torch.log(z) - num_sum / n_num
+            inv_z = 1.0 / (b_u * z)
+            row_weight, pick_weight = (to_shift * inv_z)[:, None], inv_z[:, None]
+
+        # dL/ds_ij = (w_den_ij·exp s_ij / Z − w_num_ij / |Π_i|) / B_u on this rank's rows, weights = multiplicities
+        # (Z: the anchor's denominator, or with camera_softmax the one of row j's camera, times its positives there).
+        grad = e.mul_(row_weight)
         if memory.shape[0]:  # a rank without rows has no picks of its own (only fillers)
-            grad.scatter_add_(1, picked_pos, (picked_e * inv_z[:, None] - inv_num[:, None]) * (picked_ok & mine))
+            grad.scatter_add_(1, picked_pos, (picked_e * pick_weight - inv_num[:, None]) * (picked_ok & mine))
         grad[own].scatter_add_(1, rows_p, torch.where(valid_p, -inv_num[own][:, None], 0.0))
         value = per_anchor[own].sum() / b_u
         logged_sum = parts[..., 2:].sum((0, 1)) / b_u
@@ -247,6 +291,15 @@ def _loss(features, cams, tracklets, shard: MemoryShard, ranks: Ranks, *, temper
 
 
 # ----------------------------------------------------------------------------------------- entry points
+
+
+def _variant(variant: str) -> frozenset:
+    options = frozenset(part.strip() for part in variant.split("+"))
+    if options == {"seed"}:
+        return frozenset()
+    if not options <= {"center", "camera_softmax"}:
+        raise ReidError(f"ctacl_loss: variant {variant!r}, expected seed or center / camera_softmax joined with '+'")
+    return options
 
 
 def _topks(topk, hard_topk, easy_topk) -> tuple[int, int]:
@@ -278,7 +331,8 @@ def _check(features, cams, tracklets, memory, memory_cams, memory_tracklets, tem
 
 
 def ctacl_loss_parts(features, cams, tracklets, memory, memory_cams, memory_tracklets, *, temperature=0.07, topk=5,
-                     grey_zone=0.01, cam_weight=0.2, warmup=False, hard_topk=None, easy_topk=None, centroids=None):
+                     grey_zone=0.01, cam_weight=0.2, warmup=False, hard_topk=None, easy_topk=None, centroids=None,
+                     variant="seed"):
     """``ctacl_loss`` plus its parts for logging and diagnostics (same arguments).
 
     Returns ``loss`` (scalar with grad, identical to ``ctacl_loss``); ``intra`` = mean L_intra, ``inter`` = mean
@@ -302,7 +356,7 @@ def ctacl_loss_parts(features, cams, tracklets, memory, memory_cams, memory_trac
     present = torch.arange(n_cams + 1, device=memory.device) < n_cams  # slot n_cams: cameras not in memory
     if centroids is None:
         def camera_table():
-            return camera_centroids(memory, memory_slot, n_cams + 1)
+            return camera_centroids(memory, memory_slot, n_cams + 1, with_sums=True)
     else:
         if centroids.shape != (n_cams, memory.shape[1]):
             raise ReidError(f"ctacl_loss: centroids shape {tuple(centroids.shape)}, expected ({n_cams}, "
@@ -310,11 +364,12 @@ def ctacl_loss_parts(features, cams, tracklets, memory, memory_cams, memory_trac
         table = torch.cat([centroids.detach(), centroids.new_zeros(1, centroids.shape[1])])
 
         def camera_table():
-            return table, present
+            return table, present, camera_centroids(memory, memory_slot, n_cams + 1, with_sums=True)[2]
     shard = MemoryShard.build(memory, memory_slot, memory_tracklet, torch.arange(memory.shape[0], device=memory.device),
                               torch.bincount(memory_slot, minlength=n_cams + 1), camera_table)
     parts = _loss(features, anchor_slot, anchor_tracklet, shard, ONE_PROCESS, temperature=temperature,
-                  hard_k=hard_k, easy_k=easy_k, grey_zone=grey_zone, cam_weight=cam_weight, warmup=warmup)
+                  hard_k=hard_k, easy_k=easy_k, grey_zone=grey_zone, cam_weight=cam_weight, warmup=warmup,
+                  variant=_variant(variant))
     if bool(parts.pop("missing")):
         bad = torch.nonzero(parts["counts"]["positives"] == 0).flatten()[:5].tolist()
         raise ReidError(f"ctacl_loss: anchors {bad} have no memory row of their own camera and tracklet "
@@ -324,7 +379,8 @@ def ctacl_loss_parts(features, cams, tracklets, memory, memory_cams, memory_trac
 
 
 def ctacl_loss(features, cams, tracklets, memory, memory_cams, memory_tracklets, *, temperature=0.07, topk=5,
-               grey_zone=0.01, cam_weight=0.2, warmup=False, hard_topk=None, easy_topk=None, centroids=None):
+               grey_zone=0.01, cam_weight=0.2, warmup=False, hard_topk=None, easy_topk=None, centroids=None,
+               variant="seed"):
     """CTACL loss of DESIGN §3 on one process, a scalar with gradient w.r.t. ``features`` only.
 
     features: (B, D) L2-normalised; cams, tracklets: (B,) int; memory: (N, D) L2-normalised (read, never modified,
@@ -334,15 +390,18 @@ def ctacl_loss(features, cams, tracklets, memory, memory_cams, memory_tracklets,
     of positive); ``grey_zone=0`` drops the grey zone; ``cam_weight=0`` the camera term (ablations).
     ``centroids``: optional (C, D) normalised camera centroids, one per distinct memory camera in sorted order;
     computed from ``memory`` when None. Backward must run before the memory is updated in place.
-    This is ``sharded_ctacl_loss`` with one rank holding every row: the same code.
+    ``variant``: "seed" (DESIGN §3) or options joined with "+": "center" mines H_i, E_i and the grey zone on
+    camera-centred rows, "camera_softmax" lets each positive compete only with its own camera's rows (config
+    ``loss.variant``). This is ``sharded_ctacl_loss`` with one rank holding every row: the same code.
     """
     return ctacl_loss_parts(features, cams, tracklets, memory, memory_cams, memory_tracklets, temperature=temperature,
                             topk=topk, grey_zone=grey_zone, cam_weight=cam_weight, warmup=warmup, hard_topk=hard_topk,
-                            easy_topk=easy_topk, centroids=centroids)["loss"]
+                            easy_topk=easy_topk, centroids=centroids, variant=variant)["loss"]
 
 
 def sharded_ctacl_loss(features, cams, tracklets, row_ids, bank, *, temperature=0.07, topk=5, grey_zone=0.01,
-                       cam_weight=0.2, warmup=False, hard_topk=None, easy_topk=None, check=True) -> dict:
+                       cam_weight=0.2, warmup=False, hard_topk=None, easy_topk=None, check=True,
+                       variant="seed") -> dict:
     """The CTACL loss of the union batch over the whole camera-sharded memory, on every rank (training's loss).
 
     features: (B_r, D) this rank's anchors, L2-normalised, with grad; cams, tracklets: (B_r,) int64; row_ids: (B_r,)
@@ -360,7 +419,8 @@ exist),
     if check:
         bank.local_index(row_ids)  # every anchor's row must be this rank's (camera shards)
     parts = _loss(features, cams.long(), tracklets.long(), bank.shard(), ALL_RANKS, temperature=temperature,
-                  hard_k=hard_k, easy_k=easy_k, grey_zone=grey_zone, cam_weight=cam_weight, warmup=warmup)
+                  hard_k=hard_k, easy_k=easy_k, grey_zone=grey_zone, cam_weight=cam_weight, warmup=warmup,
+                  variant=_variant(variant))
     if check and bool(parts["missing"]):
         bad = torch.nonzero(parts["counts"]["positives"] == 0).flatten()[:5].tolist()
         raise ReidError(f"sharded_ctacl_loss: anchors {bad} have no memory row of their own camera and "

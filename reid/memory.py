@@ -117,7 +117,7 @@ class MemoryBank:
         first use: one collective and a few host synchronisations for the bank's life, none per step)."""
         if self._shard is None:
             self._shard = MemoryShard.build(self.rows, self.cams, self.tracklets, self.global_ids, self.camera_rows(),
-                                            self.camera_centroids)
+                                            self.camera_statistics)
         self._shard.rows = self.rows
         return self._shard
 
@@ -128,12 +128,19 @@ class MemoryBank:
         Returns ``(centroids (num_cameras, D) fp32 (fp64 for an fp64 bank), present (num_cameras,) bool)``;
         cameras with no rows anywhere have ``present`` False and a zero row: use ``centroids[present]``.
         """
+        centroids, present, _ = self.camera_statistics()
+        return centroids, present
+
+    @torch.no_grad()
+    def camera_statistics(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``camera_centroids()`` plus the per-camera row sums (num_cameras, D) over all ranks, from one all-reduce
+        (the loss's camera term and, with loss.variant center, the camera means)."""
         if self._sums is None:
             self._sums = torch.zeros(self.num_cameras, self.dim, dtype=self._work_dtype, device=self.device)
             self._sums.index_add_(0, self.cams, self.rows.to(self._work_dtype))
         sums = dist.sum_across_ranks(self._sums)
         present = self.camera_rows() > 0
-        return F.normalize(sums, dim=1), present
+        return F.normalize(sums, dim=1), present, sums
 
     def nbytes(self) -> int:
         """Bytes held by this rank: rows plus ids, cameras and tracklets."""

@@ -112,7 +112,7 @@ def train_one_epoch(model, loader, bank: MemoryBank, optimizer, cfg: Config, env
                 features = model(images)
             parts = sharded_ctacl_loss(
                 features.to(dtype), cams, tracklets, rows, bank, temperature=lc.temperature, topk=lc.topk,
-                grey_zone=lc.grey_zone, cam_weight=lc.cam_weight, warmup=warmup, check=False,
+                grey_zone=lc.grey_zone, cam_weight=lc.cam_weight, warmup=warmup, check=False, variant=lc.variant,
                 hard_topk=lc.topk if lc.hard_positives else 0, easy_topk=lc.topk if lc.easy_positives else 0)
             optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()

@@ -22,6 +22,10 @@ MODES = {
     "full": {},
     "full_k3_wide_grey": {"hard_topk": 3, "easy_topk": 2, "grey_zone": 0.05},
     "full_no_hard_no_cam": {"hard_topk": 0, "cam_weight": 0.0},
+    # loss.variant options: camera-local sums and centred mining must stay exact across camera shards
+    "center": {"variant": "center", "grey_zone": 0.3},
+    "camera_softmax": {"variant": "camera_softmax", "grey_zone": 0.05},
+    "center_camera_softmax": {"variant": "center+camera_softmax", "grey_zone": 0.3, "easy_topk": 2},
 }
 LOSS_ARGS = {"temperature": 0.07, "topk": 5, "grey_zone": 0.01, "cam_weight": 0.2, "warmup": False}
 

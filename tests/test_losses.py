@@ -18,12 +18,25 @@ torch.set_num_threads(1)
 
 
 def reference_ctacl(features, cams, tracklets, memory, memory_cams, memory_tracklets, *, temperature=0.07, topk=5,
-                    grey_zone=0.01, cam_weight=0.2, warmup=False, hard_topk=None, easy_topk=None):
-    """Returns (loss, per-anchor H lists, per-anchor E lists). Python lists are the multisets of §3."""
+                    grey_zone=0.01, cam_weight=0.2, warmup=False, hard_topk=None, easy_topk=None, variant="seed"):
+    """Returns (loss, per-anchor H lists, per-anchor E lists). Python lists are the multisets of §3.
+
+    variant "center": H_i, E_i and the grey zone ranked by (x − μ_{c_i})·(m_j − μ_{c_j}) / ‖m_j − μ_{c_j}‖ with μ_c the
+    mean memory row of camera c (x = h_i or f_i); "camera_softmax": each numerator entry p's log-softmax is taken
+    over the denominator's entries of p's camera only."""
     hard_k = topk if hard_topk is None else hard_topk
     easy_k = topk if easy_topk is None else easy_topk
+    options = set(variant.split("+")) - {"seed"}
     m = memory.double()
     rows = range(m.shape[0])
+    mu = {int(c): m[memory_cams == c].mean(0) for c in memory_cams.unique()}
+
+    def mining_score(x, ci, j):
+        if "center" not in options:
+            return float(x @ m[j])
+        centred = m[j] - mu[int(memory_cams[j])]
+        return float((x - mu[ci]) @ centred / centred.norm())
+
     per_anchor, hard_lists, easy_lists = [], [], []
     for i in range(features.shape[0]):
         s = m @ features[i] / temperature
@@ -36,15 +49,21 @@ def reference_ctacl(features, cams, tracklets, memory, memory_cams, memory_track
         j_star = min(P, key=lambda j: float(sv[j]))
         h = m[j_star]
         O = [j for j in rows if memory_cams[j] != cams[i]]
-        r = {j: float(h @ m[j]) for j in O}
+        r = {j: mining_score(h, int(cams[i]), j) for j in O}
+        s_mine = {j: mining_score(features[i].detach().double(), int(cams[i]), j) for j in O}
         by_r = sorted(O, key=lambda j: -r[j])
-        by_s = sorted(O, key=lambda j: -float(sv[j]))
+        by_s = sorted(O, key=lambda j: -s_mine[j])
         H, E = by_r[:hard_k], by_s[:easy_k]
         grey = set(by_r[:math.floor(Fraction(repr(grey_zone)) * len(O))])
         N = [j for j in O if j not in grey]
         numerator, denominator = P + H + E, A + H + E + N
-        lse = torch.logsumexp(s[denominator], 0)
-        per_anchor.append(-sum(s[p] - lse for p in numerator) / len(numerator))
+        if "camera_softmax" in options:
+            def lse(p):
+                return torch.logsumexp(s[[k for k in denominator if memory_cams[k] == memory_cams[p]]], 0)
+            per_anchor.append(-sum(s[p] - lse(p) for p in numerator) / len(numerator))
+        else:
+            lse = torch.logsumexp(s[denominator], 0)
+            per_anchor.append(-sum(s[p] - lse for p in numerator) / len(numerator))
         hard_lists.append(H)
         easy_lists.append(E)
     loss = torch.stack(per_anchor).mean()
@@ -320,3 +339,18 @@ def test_narrow_and_wide_grey_zones_match_the_reference(grey_zone):
     problem = make_problem(21, n_cams=5, tracklets_per_cam=8)
     assert_matches_reference(problem, grey_zone=grey_zone)
     assert_matches_reference(problem, grey_zone=grey_zone, hard_topk=0)
+
+
+@pytest.mark.parametrize("variant", ["center", "camera_softmax", "center+camera_softmax"])
+@pytest.mark.parametrize("kwargs", [{}, {"grey_zone": 0.3}, {"grey_zone": 0.0, "hard_topk": 0}, {"easy_topk": 2}],
+                         ids=["default", "wide_grey", "no_grey_no_hard", "easy_2"])
+def test_loss_variants_match_their_per_anchor_reading(variant, kwargs):
+    problem = make_problem(22, n_cams=5, tracklets_per_cam=6)
+    assert_matches_reference(problem, variant=variant, **kwargs)
+    # and they are other losses than the seed's
+    assert float(ctacl_loss(**problem, variant=variant, **kwargs)) != float(ctacl_loss(**problem, **kwargs))
+
+
+def test_an_unknown_variant_is_a_clear_error():
+    with pytest.raises(ReidError, match="variant 'centre'"):
+        ctacl_loss(**make_problem(23), variant="centre")
