@@ -36,10 +36,11 @@ from benchmarks.common import add_json_flag, write_json  # noqa: E402
 RECIPES = {
     "intra-only": ["train.warmup_epochs={epochs}"],
     "seed": ["loss.variant=seed", "loss.grey_zone=0.3", "loss.cam_weight=10"],  # today's synthetic recipe
-    "seed, DESIGN defaults": ["loss.variant=seed", "loss.grey_zone=0.01", "loss.cam_weight=0.2"],
+    "seed with DESIGN defaults": ["loss.variant=seed", "loss.grey_zone=0.01", "loss.cam_weight=0.2"],
     "center": ["loss.variant=center", "loss.grey_zone=0.3", "loss.cam_weight=10"],
-    "center, camera softmax": ["loss.variant=center+camera_softmax", "loss.grey_zone=0.3", "loss.cam_weight=10"],
+    "center + camera softmax": ["loss.variant=center+camera_softmax", "loss.grey_zone=0.3", "loss.cam_weight=10"],
     "camera softmax": ["loss.variant=camera_softmax", "loss.grey_zone=0.3", "loss.cam_weight=10"],
+    "center λ 1": ["loss.variant=center", "loss.grey_zone=0.3", "loss.cam_weight=1"],
 }
 
 
@@ -69,18 +70,19 @@ def negatives_share(folder: Path, data_root: str, grey_zone: float, topk: int, c
     per camera when the recipe mines that way). N×N at once: synthetic-sized sets only."""
     import torch
 
-    from reid.checkpoint import find_resume_checkpoint
+    from reid.checkpoint import FOLDER, newest_complete
     from reid.data.readers import load_dataset
 
-    found = find_resume_checkpoint(str(folder))
-    if found is None:
+    manifest = newest_complete(str(folder / FOLDER), print)
+    if manifest is None:
         return None
-    rows = torch.cat([torch.load(p, map_location="cpu", weights_only=True)["rows"].float()
-                      for p in found.memory_files])
-    ids = torch.cat([torch.load(p, map_location="cpu", weights_only=True)["global_ids"] for p in found.memory_files])
+    shards = [torch.load(folder / FOLDER / manifest["memory_dir"] / name, map_location="cpu", weights_only=True)
+              for name in manifest["memory_files"]]
+    rows = torch.cat([shard["rows"].float() for shard in shards])
+    ids = torch.cat([shard["global_ids"] for shard in shards])
     memory = torch.empty_like(rows)
     memory[ids] = rows
-    train = load_dataset("synthetic", data_root).train
+    train = load_dataset("veri776", data_root).train  # the synthetic set is written in the VeRi-776 layout
     cams, pids = torch.as_tensor(train.cams), torch.as_tensor(train.pids)
     if center:
         means = torch.zeros(int(cams.max()) + 1, memory.shape[1]).index_add_(0, cams, memory)
@@ -186,7 +188,7 @@ def main() -> int:
 
     def cell(pair, scale=100.0):
         mean, sd = pair
-        return "—" if mean is None else f"{scale * mean:5.1f} ± {scale * sd:4.1f}"
+        return f"{'—':>13s}" if mean is None else f"{scale * mean:5.1f} ± {scale * sd:4.1f}"
 
     print(f"\nseeds {seeds}, {epochs} epochs ({warmup} warm-up); mean ± sd over seeds, in %")
     print(f"{'recipe':28s} {'mAP':>13s} {'R1':>13s} {'cross-cam R1':>13s} {'hard prec.':>13s} {'easy prec.':>13s} "
