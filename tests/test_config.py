@@ -37,6 +37,9 @@ def test_public_contract_keys_exist(key):
     ("model.batchnorm=sync", ["model.batchnorm", "sync", "all_cameras", "per_rank"]),
     ("device=gpu0", ["device", "gpu0", "cuda:N"]),
     ("train.dtype=float16", ["train.dtype", "float16", "float64"]),
+    ("loss.variant=centre", ["loss.variant", "centre", "center", "camera_softmax"]),
+    ("loss.variant=center+center", ["loss.variant", "center+center"]),
+    ("train.init_from=/no/such/run", ["train.init_from", "/no/such/run", "run folder"]),
 ])
 def test_bad_override_is_one_line_naming_key_given_and_allowed(override, words):
     with pytest.raises(ReidError) as err:
