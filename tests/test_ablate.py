@@ -67,3 +67,23 @@ def test_init_from_without_checkpoints_is_a_one_line_error(tmp_path):
                                                       f"data.root={tmp_path / 'synth'}", "synth.identities=16",
                                                       "synth.test_identities=8", "synth.cameras=4",
                                                       "synth.height=32", "synth.width=32"]))
+
+
+def test_a_loss_variant_reaches_the_training_loss(tmp_path, monkeypatch):
+    import reid.train
+    from reid.config import load_config
+    from tests.test_train import TINY
+
+    seen = []
+    real = reid.train.sharded_ctacl_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["variant"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reid.train, "sharded_ctacl_loss", spy)
+    metrics = reid.train.main(load_config("configs/synthetic.yaml", TINY + [
+        f"data.root={tmp_path / 'synth'}", f"output_dir={tmp_path / 'run'}", "train.epochs=2", "train.warmup_epochs=1",
+        "loss.variant=center+camera_softmax"]))
+    assert set(seen) == {"center+camera_softmax"} and 0.0 <= metrics["final"]["mAP"] <= 1.0
+    assert all(e["loss"] == e["loss"] for e in metrics["epochs"])  # finite

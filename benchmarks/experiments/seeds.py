@@ -41,6 +41,9 @@ RECIPES = {
     "center + camera softmax": ["loss.variant=center+camera_softmax", "loss.grey_zone=0.3", "loss.cam_weight=10"],
     "camera softmax": ["loss.variant=camera_softmax", "loss.grey_zone=0.3", "loss.cam_weight=10"],
     "center λ 1": ["loss.variant=center", "loss.grey_zone=0.3", "loss.cam_weight=1"],
+    "default": [],  # the config's own recipe, and its ablations
+    "default without hard positives": ["loss.hard_positives=false"],
+    "default without easy positives": ["loss.easy_positives=false"],
 }
 
 
