@@ -41,6 +41,11 @@ RECIPES = {
     "center + camera softmax": ["loss.variant=center+camera_softmax", "loss.grey_zone=0.3", "loss.cam_weight=10"],
     "camera softmax": ["loss.variant=camera_softmax", "loss.grey_zone=0.3", "loss.cam_weight=10"],
     "center λ 1": ["loss.variant=center", "loss.grey_zone=0.3", "loss.cam_weight=1"],
+    "center λ 1 without hard positives": ["loss.variant=center", "loss.grey_zone=0.3", "loss.cam_weight=1",
+                                          "loss.hard_positives=false"],
+    "center λ 1 without easy positives": ["loss.variant=center", "loss.grey_zone=0.3", "loss.cam_weight=1",
+                                          "loss.easy_positives=false"],
+    "center λ 1 without camera loss": ["loss.variant=center", "loss.grey_zone=0.3", "loss.cam_weight=0"],
     "default": [],  # the config's own recipe, and its ablations
     "default without hard positives": ["loss.hard_positives=false"],
     "default without easy positives": ["loss.easy_positives=false"],
