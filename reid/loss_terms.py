@@ -1,7 +1,8 @@
 """The pieces of the CTACL loss (DESIGN §3) that are not the loss's algebra: the memory a rank scores against
 (``MemoryShard``: rows, labels, the tracklet index and the few global facts), the grey-zone size and its exact
-cut across ranks (radix selection), the camera-alignment term and the autograd hand-off ``dL/ds · M / τ``.
-The loss itself is ``reid.losses``; it reads these and nothing else.
+cut across ranks (radix selection), scoring against the memory and merging per-rank candidate lists, the
+camera-centred scores of ``loss.variant=center``, the camera-alignment term and the autograd hand-off
+``dL/ds · M / τ``. The loss itself is ``reid.losses``; it reads these and nothing else.
 """
 
 from __future__ import annotations
@@ -156,6 +157,67 @@ def radix_select(values: torch.Tensor, k: torch.Tensor, ranks: Ranks) -> torch.T
         match &= digit == chosen[:, None]
     cut = prefix - (1 << 31) if width == 32 else prefix ^ (-(1 << 63))
     return _from_order_keys(cut, width).to(values.dtype)
+
+
+# ----------------------------------------------------------------------------------------- scoring and merging
+
+
+def scores(memory: torch.Tensor, *xs: torch.Tensor, rows_per_block: int = 8192) -> list[torch.Tensor]:
+    """``x·M_rᵀ`` (B, N_r) for each x from one pass over the memory, in at least fp32.
+
+    The xs are stacked so the N_r × D rows are read once. Each block is computed as (M·xᵀ)ᵀ: on CPU that layout
+    is markedly faster than x·Mᵀ with a transposed operand (``reid bench loss``). A bf16 memory is widened
+    block by block, so the logits keep fp32 precision (bf16 products would round s to about ±0.03).
+    """
+    dtype = torch.promote_types(memory.dtype, torch.float32)
+    x = torch.cat([t.to(dtype) for t in xs])
+    out = torch.empty(x.shape[0], memory.shape[0], dtype=dtype, device=x.device)
+    for start in range(0, memory.shape[0], rows_per_block):
+        out[:, start:start + rows_per_block] = (memory[start:start + rows_per_block].to(dtype) @ x.T).T
+    return list(out.split([t.shape[0] for t in xs]))
+
+
+def pack_float(*columns: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+    """Side-by-side float columns: one collective, not several. float64 is exact for fp32 values and for ids below
+    2^53; fp32 for ids and counts below 2^24."""
+    return torch.cat([c.to(dtype)[:, None] if c.dim() == 1 else c.to(dtype) for c in columns], 1)
+
+
+def local_topk(scores: torch.Tensor, k: int, sorted: bool = True):
+    """(values, positions) of the top-k per row, padded with -inf/0 to exactly k columns."""
+    b, n = scores.shape
+    kk = min(k, n)
+    values, pos = scores.topk(kk, dim=1, sorted=sorted)
+    if kk < k:
+        values = torch.cat([values, values.new_full((b, k - kk), -math.inf)], 1)
+        pos = torch.cat([pos, pos.new_zeros(b, k - kk)], 1)
+    return values, pos
+
+
+def merge_picks(gathered, local_pos, k_global: int, ranks: Ranks):
+    """Global top-k of every rank's candidate lists. gathered: (B, R, 4, K) packed (mining value, global id, s,
+    camera) of every rank; local_pos: (B, K) this rank's candidates' positions in its rows. Returns the picks'
+    global ids, their ``s``, their cameras, which are this rank's (mine) and their local positions; each
+    (B, k_global)."""
+    k_local = local_pos.shape[1]
+    order = gathered[:, :, 0].flatten(1).topk(k_global, dim=1).indices
+    ids = gathered[:, :, 1].flatten(1).gather(1, order).long()
+    s = gathered[:, :, 2].flatten(1).gather(1, order)
+    cams = gathered[:, :, 3].flatten(1).gather(1, order).long()
+    mine = torch.div(order, k_local, rounding_mode="floor") == ranks.rank
+    return ids, s, cams, mine, local_pos.gather(1, order % k_local)
+
+
+def centring(means, camera_scores, cams_u, cams_r):
+    """Variant center: what turns a product x·m_j into (x − μ_{c_i})·(m_j − μ_{c_j}) / ‖m_j − μ_{c_j}‖ for an anchor of
+    camera c_i, given x·μ_c: returns the (B_u, N_r) term μ_{c_i}·μ_{c_j} − μ_{c_i}·m_j and the (N_r,) norms
+    ‖m_j − μ_{c_j}‖ (rows are unit vectors). means: (C, D) camera means μ; camera_scores: (C, N_r) μ_c·m_j.
+    The anchor side's norm is the same for all of an anchor's rows, so rankings do not need it."""
+    mm = means @ means.T
+    own = camera_scores.gather(0, cams_r[None, :])[0]
+    row_norm = (1.0 - 2.0 * own + mm.diagonal()[cams_r]).clamp(min=1e-12).sqrt()
+    offset = mm.index_select(0, cams_u).index_select(1, cams_r).sub_(camera_scores.index_select(0, cams_u))
+    return offset, row_norm
 
 
 # ----------------------------------------------------------------------------------------- the camera term

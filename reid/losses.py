@@ -45,42 +45,11 @@ import torch
 
 from reid.dist import ALL_RANKS, ONE_PROCESS, Ranks
 from reid.errors import ReidError
-from reid.loss_terms import (MemoryShard, ThroughLogits, camera_alignment_loss, camera_centroids, grey_zone_sizes,
-                             hardest_positive_rows, radix_select)
+from reid.loss_terms import (MemoryShard, ThroughLogits, camera_alignment_loss, camera_centroids, centring,
+                             grey_zone_sizes, hardest_positive_rows, local_topk, merge_picks, pack_float, radix_select,
+                             scores)
 
 __all__ = ["ctacl_loss", "ctacl_loss_parts", "sharded_ctacl_loss"]
-
-
-def _scores(memory: torch.Tensor, *xs: torch.Tensor, rows_per_block: int = 8192) -> list[torch.Tensor]:
-    """``x·M_rᵀ`` (B, N_r) for each x from one pass over the memory, in at least fp32.
-
-    The xs are stacked so the N_r × D rows are read once. Each block is computed as (M·xᵀ)ᵀ: on CPU that layout
-    is markedly faster than x·Mᵀ with a transposed operand (``reid bench loss``). A bf16 memory is widened
-    block by block, so the logits keep fp32 precision (bf16 products would round s to about ±0.03).
-    """
-    dtype = torch.promote_types(memory.dtype, torch.float32)
-    x = torch.cat([t.to(dtype) for t in xs])
-    out = torch.empty(x.shape[0], memory.shape[0], dtype=dtype, device=x.device)
-    for start in range(0, memory.shape[0], rows_per_block):
-        out[:, start:start + rows_per_block] = (memory[start:start + rows_per_block].to(dtype) @ x.T).T
-    return list(out.split([t.shape[0] for t in xs]))
-
-
-def _pack_float(*columns: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
-    """Side-by-side float columns: one collective, not several. float64 is exact for fp32 values and for ids below
-    2^53; fp32 for ids and counts below 2^24."""
-    return torch.cat([c.to(dtype)[:, None] if c.dim() == 1 else c.to(dtype) for c in columns], 1)
-
-
-def _local_topk(scores: torch.Tensor, k: int, sorted: bool = True):
-    """(values, positions) of the top-k per row, padded with -inf/0 to exactly k columns."""
-    b, n = scores.shape
-    kk = min(k, n)
-    values, pos = scores.topk(kk, dim=1, sorted=sorted)
-    if kk < k:
-        values = torch.cat([values, values.new_full((b, k - kk), -math.inf)], 1)
-        pos = torch.cat([pos, pos.new_zeros(b, k - kk)], 1)
-    return values, pos
 
 
 def _warmup(features, cams, rows, valid, n_pos, pos_sum, shard: MemoryShard, ranks: Ranks, inv_t):
@@ -89,7 +58,7 @@ def _warmup(features, cams, rows, valid, n_pos, pos_sum, shard: MemoryShard, ran
     b = features.shape[0]
     memory = shard.rows
     with torch.no_grad():
-        (logits,) = _scores(memory, features.detach() * inv_t)
+        (logits,) = scores(memory, features.detach() * inv_t)
         logits.masked_fill_(cams[:, None] != shard.cams[None, :], -math.inf)  # keep A_i only
         shift = logits.amax(1) if logits.shape[1] else logits.new_zeros(b)
         e = logits.sub_(shift[:, None]).exp_()
@@ -104,32 +73,6 @@ def _warmup(features, cams, rows, valid, n_pos, pos_sum, shard: MemoryShard, ran
     mean = total[1] / total[0]
     zero = mean.new_zeros(())
     return {"loss": loss * ranks.world, "intra": mean, "inter": zero, "cam": zero.clone(), "per_anchor": per_anchor}
-
-
-def _merge_picks(gathered, local_pos, k_global: int, ranks: Ranks):
-    """Global top-k of every rank's candidate lists. gathered: (B, R, 4, K) packed (mining value, global id, s,
-    camera) of every rank; local_pos: (B, K) this rank's candidates' positions in its rows. Returns the picks'
-    global ids, their ``s``, their cameras, which are this rank's (mine) and their local positions; each
-    (B, k_global)."""
-    k_local = local_pos.shape[1]
-    order = gathered[:, :, 0].flatten(1).topk(k_global, dim=1).indices
-    ids = gathered[:, :, 1].flatten(1).gather(1, order).long()
-    s = gathered[:, :, 2].flatten(1).gather(1, order)
-    cams = gathered[:, :, 3].flatten(1).gather(1, order).long()
-    mine = torch.div(order, k_local, rounding_mode="floor") == ranks.rank
-    return ids, s, cams, mine, local_pos.gather(1, order % k_local)
-
-
-def _centring(means, camera_scores, cams_u, cams_r):
-    """Variant center: what turns a product x·m_j into (x − μ_{c_i})·(m_j − μ_{c_j}) / ‖m_j − μ_{c_j}‖ for an anchor of
-    camera c_i, given x·μ_c: returns the (B_u, N_r) term μ_{c_i}·μ_{c_j} − μ_{c_i}·m_j and the (N_r,) norms
-    ‖m_j − μ_{c_j}‖ (rows are unit vectors). means: (C, D) camera means μ; camera_scores: (C, N_r) μ_c·m_j.
-    The anchor side's norm is the same for all of an anchor's rows, so rankings do not need it."""
-    mm = means @ means.T
-    own = camera_scores.gather(0, cams_r[None, :])[0]
-    row_norm = (1.0 - 2.0 * own + mm.diagonal()[cams_r]).clamp(min=1e-12).sqrt()
-    offset = mm.index_select(0, cams_u).index_select(1, cams_r).sub_(camera_scores.index_select(0, cams_u))
-    return offset, row_norm
 
 
 def _loss(features, cams, tracklets, shard: MemoryShard, ranks: Ranks, *, temperature, hard_k, easy_k, grey_zone,
@@ -160,7 +103,7 @@ def _loss(features, cams, tracklets, shard: MemoryShard, ranks: Ranks, *, temper
     with torch.no_grad():
         hard_rows = hardest_positive_rows(pair, rows_p, valid_p)
         # (B_r, D + 3) in the working precision: camera ids and |P_i| are far below 2^24
-        own_rows = _pack_float(memory[hard_rows], cams, n_pos, pos_sum, dtype=work)
+        own_rows = pack_float(memory[hard_rows], cams, n_pos, pos_sum, dtype=work)
     centroids, present, camera_sums = shard.centroids()  # one collective: the camera term's and the means
     center, camera_softmax = "center" in variant, "camera_softmax" in variant
     union, sizes = ranks.gather_anchors(features)  # (B_u, D), differentiable
@@ -173,11 +116,11 @@ def _loss(features, cams, tracklets, shard: MemoryShard, ranks: Ranks, *, temper
         hard_u, cams_r = packed[:, :d], shard.cams
         means = camera_sums.to(work) / shard.camera_rows.clamp(min=1)[:, None].to(work) if center else None
         # s, r: (B_u, N_r) each (and μ_c·m_j (C, N_r) with center), from one pass over the memory
-        logits, ranking, *camera_scores = _scores(memory, union.detach() * inv_t, hard_u, *([means] if center else []))
+        logits, ranking, *camera_scores = scores(memory, union.detach() * inv_t, hard_u, *([means] if center else []))
         same = cams_u[:, None] == cams_r[None, :]  # A_i on this rank
         n_other_u = shard.total_rows - shard.camera_rows[cams_u]
         if center:  # variant center: r (and s below) of the rows with each camera's mean removed, renormalised
-            offset_rows, row_norm = _centring(means, camera_scores[0], cams_u, cams_r)
+            offset_rows, row_norm = centring(means, camera_scores[0], cams_u, cams_r)
             ranking.sub_((hard_u.to(work) @ means.T).index_select(1, cams_r)).add_(offset_rows).div_(row_norm)
 
         # One top-k of r over O_i holds this rank's hard candidates and its part of the grey zone (the global
@@ -187,10 +130,10 @@ def _loss(features, cams, tracklets, shard: MemoryShard, ranks: Ranks, *, temper
         depth = max(hard_k, shard.grey_depth(grey_zone))
         if 4 * depth >= memory.shape[0]:  # a wide grey zone: select among all rows rather than sort most of them
             candidates = ranking
-            hard_values, hard_pos = _local_topk(ranking, hard_k)
+            hard_values, hard_pos = local_topk(ranking, hard_k)
         else:
-            candidates, candidate_pos = _local_topk(ranking, depth, sorted=False)
-            hard_values, at = _local_topk(candidates, hard_k)
+            candidates, candidate_pos = local_topk(ranking, depth, sorted=False)
+            hard_values, at = local_topk(candidates, hard_k)
             hard_pos = candidate_pos.gather(1, at)
         threshold = radix_select(candidates, n_grey.clamp(min=1), ranks)
         del candidates
@@ -204,7 +147,7 @@ def _loss(features, cams, tracklets, shard: MemoryShard, ranks: Ranks, *, temper
             del offset_rows
         else:
             other_logits = ranking.copy_(logits)
-        easy_values, easy_pos = _local_topk(other_logits.masked_fill_(same, -math.inf), easy_k)
+        easy_values, easy_pos = local_topk(other_logits.masked_fill_(same, -math.inf), easy_k)
         del other_logits, ranking
         cand_values = torch.cat([hard_values, easy_values], 1)
         cand_pos = torch.cat([hard_pos, easy_pos], 1)
@@ -213,12 +156,12 @@ def _loss(features, cams, tracklets, shard: MemoryShard, ranks: Ranks, *, temper
         else:  # a rank without rows offers only -inf fillers
             cand_s, cand_ids, cand_cams = cand_values.clone(), cand_pos, cand_pos
         k_all = cand_values.shape[1]
-        gathered = ranks.gather_candidates(_pack_float(cand_values, cand_ids, cand_s, cand_cams))
+        gathered = ranks.gather_candidates(pack_float(cand_values, cand_ids, cand_s, cand_cams))
         gathered = gathered.view(b_u, ranks.world, 4, k_all)
         picks = []
         for k, cols in ((hard_k, slice(0, hard_k)), (easy_k, slice(hard_k, k_all))):
             k_global = min(k, shard.total_rows)
-            ids, s, pick_cams, mine, pos = _merge_picks(gathered[..., cols], cand_pos[:, cols], k_global, ranks)
+            ids, s, pick_cams, mine, pos = merge_picks(gathered[..., cols], cand_pos[:, cols], k_global, ranks)
             ok = torch.arange(k_global, device=logits.device)[None, :] < n_other_u[:, None]
             picks.append((ids, s.to(work), pick_cams, mine, pos, ok))
         picked_ids, picked, picked_cams, mine, picked_pos, picked_ok = (torch.cat(x, 1) for x in zip(*picks))
@@ -241,7 +184,7 @@ def _loss(features, cams, tracklets, shard: MemoryShard, ranks: Ranks, *, temper
     with torch.no_grad():
         logged = torch.zeros(b_u, 2, dtype=torch.float64, device=features.device)
         logged[own, 0], logged[own, 1] = intra_own.double(), cam_own.detach().double()
-        parts = ranks.gather_candidates(_pack_float(local_max, local_sum, logged)).view(b_u, ranks.world, 4)
+        parts = ranks.gather_candidates(pack_float(local_max, local_sum, logged)).view(b_u, ranks.world, 4)
         maxes, sums = parts[..., 0].to(work), parts[..., 1].to(work)
         shift = maxes.amax(1)
         if picked.shape[1]:
