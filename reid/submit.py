@@ -4,7 +4,7 @@
         --partition gpu --time 4320 output_dir=/checkpoint/$USER/veriwild train.epochs=20
 
 One task per GPU (on CPU: `--tasks-per-node`). Each task calls the same `main(cfg)` as torchrun (STYLE.md:
-one entry point, two launchers), where `reid.dist.launcher_env` turns SLURM's variables into rank, world
+one entry point, two launchers), where `reid.launcher.launcher_env` turns SLURM's variables into rank, world
 size and rendezvous, as it does for slurm/train.sbatch. SLURM sends USR2 `--signal-delay` seconds before
 the time limit, and a pre-empting scheduler sends it too; submitit then calls `Trainer.checkpoint()` on
 rank 0, which requeues the job. Training writes a checkpoint every epoch (and mid-epoch with
@@ -68,10 +68,10 @@ class Trainer:
         self.entry = entry
 
     def __call__(self):
-        from reid.dist import TORCHRUN_VARIABLES
+        from reid.launcher import TORCHRUN_VARIABLES
 
         # The job inherits the submitting shell's environment: a RANK or MASTER_ADDR left there must not
-        # shadow SLURM's variables, from which main(cfg) takes rank and rendezvous (reid.dist.launcher_env).
+        # shadow SLURM's variables, from which main(cfg) takes rank and rendezvous (reid.launcher.launcher_env).
         for key in TORCHRUN_VARIABLES:
             os.environ.pop(key, None)
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")

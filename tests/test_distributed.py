@@ -204,14 +204,14 @@ def scontrol(tmp_path, monkeypatch):
 
 
 def test_torchrun_environment_gives_rank_world_and_master_even_inside_a_slurm_task():
-    from reid.dist import LauncherEnv, launcher_env
+    from reid.launcher import LauncherEnv, launcher_env
 
     torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "node-a", "MASTER_PORT": "29500"}
     assert launcher_env({**SLURM_TASK, **torchrun}) == LauncherEnv("torchrun", 3, 1, 4, "node-a", 29500)
 
 
 def test_slurm_environment_gives_rank_world_first_node_and_a_port_per_job_and_requeue(scontrol):
-    from reid.dist import LauncherEnv, launcher_env
+    from reid.launcher import LauncherEnv, launcher_env
 
     first = launcher_env(SLURM_TASK)
     assert first == LauncherEnv("slurm", 5, 1, 8, "gpu-a01", 15000 + (1234 * 16) % 20000)
@@ -221,14 +221,14 @@ def test_slurm_environment_gives_rank_world_first_node_and_a_port_per_job_and_re
 
 
 def test_rendezvous_set_by_hand_wins_over_slurm_nodelist_and_port():
-    from reid.dist import launcher_env
+    from reid.launcher import launcher_env
 
     found = launcher_env({**SLURM_TASK, "SLURM_JOB_NODELIST": "", "MASTER_ADDR": "node-ib0", "MASTER_PORT": "23456"})
     assert (found.master_addr, found.master_port) == ("node-ib0", 23456)
 
 
 def test_one_slurm_task_needs_no_rendezvous_and_no_environment_means_none():
-    from reid.dist import LauncherEnv, launcher_env
+    from reid.launcher import LauncherEnv, launcher_env
 
     assert launcher_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == LauncherEnv("slurm", 0, 0, 1, None, None)
     assert launcher_env({"SLURM_JOB_ID": "7"}) is None
@@ -241,7 +241,7 @@ def test_one_slurm_task_needs_no_rendezvous_and_no_environment_means_none():
     ({**SLURM_TASK, "SLURM_NTASKS": "eight"}, "SLURM_NTASKS='eight', expected an integer"),
 ])
 def test_missing_or_malformed_launcher_variable_is_one_line_error(scontrol, environ, message):
-    from reid.dist import launcher_env
+    from reid.launcher import launcher_env
     from reid.errors import ReidError
 
     with pytest.raises(ReidError, match=message) as caught:

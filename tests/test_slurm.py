@@ -272,16 +272,16 @@ class TestErrorsBeforeSubmitting:
 
 
 def _launcher_seen_by_main(cfg):
-    from reid.dist import launcher_env
+    from reid.launcher import launcher_env
 
     return launcher_env()
 
 
 def test_submitit_task_takes_rank_and_rendezvous_from_slurm_not_from_the_submitting_shell(tmp_path, monkeypatch):
     """Variables inherited from the shell that ran `reid submit` (a torchrun RANK, a MASTER_ADDR) are dropped, so
-    main(cfg) sees SLURM's task, the allocation's first node and the job's port (reid.dist.launcher_env)."""
+    main(cfg) sees SLURM's task, the allocation's first node and the job's port (reid.launcher.launcher_env)."""
     from reid.config import load_config
-    from reid.dist import LauncherEnv
+    from reid.launcher import LauncherEnv
     from reid.submit import Trainer
 
     (tmp_path / "scontrol").write_text('#!/bin/sh\n[ "$*" = "show hostnames gpu-a[01-02]" ] && echo gpu-a01 gpu-a02\n')
